@@ -1,0 +1,208 @@
+"""Read and write Hugging Face model folders: `config.json` plus safetensors, sharded or not.
+
+Loading builds the network on the meta device and reads each tensor straight from its file into
+a tensor of the target dtype and device, so peak host memory stays near the model's size (no mmap
+of whole shards, no fp32 detour). Only safetensors are ever read: pickled `.bin` files can run code.
+"""
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from minidpo.model import Mistral, MistralConfig
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# What a hub download may fetch: weights as safetensors, json configs, tokenizer files. Never *.bin.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def download_folder(path_or_repo_id: Union[str, Path], allow_patterns=HUB_PATTERNS) -> Path:
+    """A local folder as is, or a hub repo id fetched through `huggingface_hub` (cache first)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name} is neither a local folder nor a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(allow_patterns)))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"cannot fetch {name}: the hub is not reachable (offline?) and the repo is not in the "
+            f"local cache. Download it on a connected machine or pass a local folder.") from e
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"cannot fetch {name} from the hub: {e}") from e
+
+
+def _read_header(file: Path):
+    """Parse a safetensors header: (entries, data_start). Checks every offset against the file size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file} is truncated: no safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{file} is truncated or corrupt: header of {n} bytes in a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is corrupt: its safetensors header is not JSON ({e})") from e
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, e in header.items():
+        begin, end = e["data_offsets"]
+        if e["dtype"] not in _DTYPES:
+            raise ValueError(f"{file}: tensor {name} has unsupported dtype {e['dtype']}")
+        numel = 1
+        for s in e["shape"]:
+            numel *= s
+        if end > data_size or end - begin != numel * _DTYPES[e["dtype"]].itemsize:
+            raise ValueError(f"{file} is truncated or corrupt: tensor {name} lies outside the file")
+    return header, 8 + n
+
+
+def read_safetensors(file: Path, *, dtype=None, device="cpu", names=None, chunk_bytes=1 << 24):
+    """Yield (name, tensor) from one safetensors file, read straight into a tensor of `dtype`.
+
+    A tensor stored in another dtype goes through one reused `chunk_bytes` buffer, so converting
+    (say fp32 file -> bf16 model) never holds a full-size temporary.
+    """
+    header, start = _read_header(file)
+    buffer = None
+    with open(file, "rb") as f:
+        for name, e in header.items():
+            if names is not None and name not in names:
+                continue
+            stored = _DTYPES[e["dtype"]]
+            target = dtype if dtype is not None and stored.is_floating_point else stored
+            out = torch.empty(e["shape"], dtype=target)
+            f.seek(start + e["data_offsets"][0])
+            if target == stored:
+                if out.numel():
+                    f.readinto(out.view(-1).view(torch.uint8).numpy())
+            else:
+                per_chunk = max(1, chunk_bytes // stored.itemsize)
+                if buffer is None or buffer.dtype != stored:
+                    buffer = torch.empty(per_chunk, dtype=stored)
+                flat = out.view(-1)
+                for i in range(0, flat.numel(), per_chunk):
+                    n = min(per_chunk, flat.numel() - i)
+                    f.readinto(buffer[:n].view(torch.uint8).numpy())
+                    flat[i:i + n].copy_(buffer[:n])
+            yield name, out.to(device)
+
+
+def _shard_files(folder: Path):
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not in {folder}: {missing}")
+        return [folder / f for f in files]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    bins = [p.name for p in folder.glob("*.bin")]
+    extra = f" (it has {bins}: minidpo loads only safetensors)" if bins else ""
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}{extra}")
+
+
+def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="cpu") -> Mistral:
+    """Hugging Face folder or hub repo id -> `Mistral`, strict. `dtype=None` keeps the checkpoint's."""
+    folder = download_folder(path_or_repo_id)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    config = MistralConfig.from_json(folder / "config.json")
+    if dtype is None:
+        dtype = getattr(torch, config.torch_dtype) if config.torch_dtype else torch.float32
+    with torch.device("meta"):
+        model = Mistral(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # HF stores tied weights once, as the embedding
+    seen, unexpected, misshapen = set(), [], []
+    for file in _shard_files(folder):
+        shard = {}
+        for name, t in read_safetensors(file, dtype=dtype, device=device):
+            if name not in expected:
+                unexpected.append(name)
+            elif tuple(t.shape) != expected[name]:
+                misshapen.append(f"{name}: file {tuple(t.shape)} vs model {expected[name]}")
+            else:
+                shard[name] = t
+                seen.add(name)
+        model.load_state_dict(shard, strict=False, assign=True)
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or misshapen:
+        raise ValueError(f"checkpoint {folder} does not fit the config: missing {missing}, "
+                         f"unexpected {sorted(unexpected)}, misshapen {misshapen}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    return model.eval()
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB"):
+    """Write `config.json` and safetensors (sharded past `max_shard_size`) that transformers loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    limit, shards, current, size = _parse_size(max_shard_size), [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + nbytes
+    shards.append(current)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(directory / (name + ".tmp")), metadata={"format": "pt"})
+        os.replace(directory / (name + ".tmp"), directory / name)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {k: n for n, s in zip(names, shards) for k in s}
+        _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = model.config.to_hf_dict()
+    config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    _write_json(directory / "config.json", config)
+    return directory

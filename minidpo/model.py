@@ -1,0 +1,281 @@
+"""The Mistral network, with Hugging Face parameter names so checkpoints load with no mapping.
+
+RMSNorm (computed in fp32), rotate-half RoPE, grouped-query attention through
+`scaled_dot_product_attention`, sliding-window attention as Mistral defines it (query i sees
+key j when i - window < j <= i, counted in sequence indices), a SwiGLU MLP, a tied or untied head,
+a KV cache for generation and optional activation checkpointing.
+"""
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class MistralConfig:
+    """The keys of a Hugging Face Mistral `config.json` that change the network."""
+
+    vocab_size: int = 32000  # rows of the embedding and the head
+    hidden_size: int = 4096  # width of the residual stream
+    intermediate_size: int = 14336  # width of the SwiGLU MLP
+    num_hidden_layers: int = 32  # decoder layers
+    num_attention_heads: int = 32  # query heads
+    num_key_value_heads: int = 8  # key/value heads (grouped-query attention)
+    head_dim: Optional[int] = None  # per-head width; None means hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768  # longest sequence the checkpoint was made for
+    rope_theta: float = 10000.0  # RoPE base
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    sliding_window: Optional[int] = 4096  # attention window in tokens; None means full causal
+    tie_word_embeddings: bool = False  # head shares the embedding matrix
+    hidden_act: str = "silu"  # only SiLU (SwiGLU) is Mistral's
+    attention_dropout: float = 0.0  # must be 0: Mistral does not use it at fine-tuning
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = None
+    torch_dtype: Optional[str] = None  # dtype the checkpoint is stored in, e.g. "bfloat16"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"MistralConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotate-half RoPE")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (Mistral uses 'silu')")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MistralConfig":
+        """Build from a `config.json` dict; unknown keys are ignored, unsupported features refused."""
+        d = dict(d)
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)  # transformers v5 / v4
+        if rope:
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ValueError(f"RoPE scaling {rope!r} is not supported")
+            d.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+        if d.get("dtype") and not d.get("torch_dtype"):
+            d["torch_dtype"] = d["dtype"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path) -> "MistralConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+    def to_hf_dict(self) -> dict:
+        """The `config.json` transformers reads back as the same network."""
+        d = dataclasses.asdict(self)
+        d.pop("torch_dtype")
+        d.update(architectures=["MistralForCausalLM"], model_type="mistral",
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        d.pop("rope_theta")
+        if self.torch_dtype:
+            d["dtype"] = self.torch_dtype
+        return d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16 squares lose too much), scale in the input dtype, as HF does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """cos, sin of shape (B, T, head_dim) for rotate-half RoPE, computed in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos, sin: (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for generation: (B, Hkv, max_len, D) each, filled left to right."""
+
+    def __init__(self, config: MistralConfig, batch_size: int, max_len: int, *, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0  # tokens already stored
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, Hkv, T, D) after the cached ones; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: MistralConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_heads, self.n_kv, self.head_dim = layer_idx, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+        # Repeat each key/value head for its group of query heads: (B, H, S, D).
+        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: MistralConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: MistralConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(c, layer_idx)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(attention_mask, q_len: int, window: Optional[int]):
+    """Boolean (B, 1, q_len, S) mask: causal, within the window, and only real keys.
+
+    attention_mask: (B, S) with 1 for real tokens; the last q_len keys are the queries.
+    A padding query would see no key at all (NaN in softmax): it is let see itself.
+    """
+    B, S = attention_mask.shape
+    device = attention_mask.device
+    q_idx = torch.arange(S - q_len, S, device=device)[:, None]  # (q_len, 1)
+    k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    mask = allowed[None] & attention_mask.bool()[:, None, :]  # (B, q_len, S)
+    mask = mask | (k_idx == q_idx)[None]
+    return mask[:, None]  # (B, 1, q_len, S)
+
+
+class Backbone(nn.Module):
+    """`model.*` in Hugging Face names: embeddings, decoder layers, final norm."""
+
+    def __init__(self, c: MistralConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class Mistral(nn.Module):
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each layer in backward to save activations
+
+    def head_weight(self):
+        """The (V, H) output projection (the embedding matrix when tied)."""
+        return self.lm_head.weight
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None):
+        """Final-normed hidden states (B, T, H). With a cache, `attention_mask` covers cached + new tokens."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        if position_ids is None:
+            # Positions count real tokens only, so left/right padding does not move them.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = attention_mask_4d(attention_mask, T, self.config.sliding_window)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None):
+        """input_ids (B, T) -> logits (B, T, V) in the weights' dtype."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device)
+
+    def init_weights(self, std: float = 0.02, seed: Optional[int] = None):
+        """Random normal init (HF's initializer_range) for from-scratch tiny models."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

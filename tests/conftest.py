@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny Hugging Face folders the tests build themselves (nothing is downloaded)."""
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 12 plus 30? The answer is 42.",
+    "Sort these words: pear, apple, fig. Sorted: apple, fig, pear.",
+    "def add(a, b):\n    return a + b\n",
+    "Count the letters in banana: six letters.",
+    "You are a helpful assistant. Answer briefly.",
+] * 20
+
+
+def write_tokenizer_folder(path, *, template=CHATML_TEMPLATE, vocab_size=400):
+    """Train a small byte-level BPE with ChatML specials and write an HF tokenizer folder."""
+    specials = ["<unk>", "<s>", "</s>", "<|im_end|>", "<|im_start|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>",
+              "pad_token": "</s>", "add_bos_token": False, "add_eos_token": False}
+    if template is not None:
+        config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory):
+    """A folder with `tokenizer.json` and a ChatML `tokenizer_config.json`."""
+    return write_tokenizer_folder(tmp_path_factory.mktemp("tok_chatml"))
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            sliding_window=None, rms_norm_eps=1e-5)
+
+
+def make_hf_mistral(folder=None, *, seed=0, max_shard_size=None, **overrides):
+    """A random `transformers` Mistral (eval mode); saved as an HF folder when `folder` is given."""
+    import torch
+    from transformers import MistralConfig as HFConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = HFConfig(**{**TINY, **overrides}, attn_implementation="eager")
+    model = MistralForCausalLM(config).eval()
+    with torch.no_grad():  # HF's init is small and leaves norms at 1: perturb them so tests see them
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "norm" in name else 0.02))
+    if folder is not None:
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(folder, **kwargs)
+    return model
+
+
+@pytest.fixture
+def hf_mistral_dir(tmp_path):
+    """(HF model, folder) of a tiny random Mistral with GQA and a short sliding window."""
+    model = make_hf_mistral(tmp_path / "hf", sliding_window=6)
+    return model, tmp_path / "hf"

@@ -1,0 +1,763 @@
+"""The pairwise judge harness against a stand-in OpenAI-compatible judge served on 127.0.0.1.
+
+The stand-in is a real HTTP server (http.server in a thread, port 0) whose replies follow a scripted
+policy, so the client code under test (urllib, retries, parsing) runs exactly as against a real
+endpoint. Expected outcomes are computed in the tests from how the answers were built, never read back
+from the code under test. Retry waits go through an injected no-op sleep, so the file runs in seconds.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from email.utils import format_datetime
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidpo.__main__ import main
+from minidpo.judge import (JUDGMENTS_FILE, SUMMARY_FILE, JudgeError, JudgeUnavailable, _retry_after,
+                           answers_in_prompt, build_messages, combine_orders, judge_pairwise,
+                           markdown_table, openai_judge, parse_verdict, read_judgments, summarize)
+from minidpo.questions import (MT_BENCH_FILE, MT_BENCH_REPO, Question, load_answers, load_questions,
+                               load_references)
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "sk-minidpo-TEST-c0ffee-9d41b7e2-never-leak"
+MARK = "<<GOOD>>"
+CATEGORIES = ("writing", "math", "coding", "roleplay")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stand-in judge.
+
+def chat_body(text):
+    return {"id": "x", "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+class StandIn:
+    """A scripted OpenAI-compatible server. `policy(n, body)` gets the 0-based request number and the
+    JSON body and returns one of: ("reply", text), ("status", code, headers, body_text),
+    ("sleep", seconds, text), ("drop",), ("garbage",)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.bodies, self.auth = [], []
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stand_in.lock:
+                    n = len(stand_in.bodies)
+                    stand_in.bodies.append(body)
+                    stand_in.auth.append(self.headers.get("Authorization"))
+                    assert self.path == "/v1/chat/completions", self.path
+                action = stand_in.policy(n, body)
+                try:
+                    self.act(action)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
+            def act(self, action):
+                kind = action[0]
+                if kind == "drop":  # close the connection without any response
+                    self.close_connection = True
+                    return
+                if kind == "sleep":
+                    time.sleep(action[1])
+                    action = ("reply", action[2])
+                if kind == "garbage":
+                    action = ("status", 200, {}, "<html>upstream hiccup</html>")
+                if action[0] == "reply":
+                    action = ("status", 200, {}, json.dumps(chat_body(action[1])))
+                _, code, headers, text = action
+                data = text.encode()
+                self.send_response(code)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.handle_error = lambda request, address: None
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    @property
+    def count(self):
+        with self.lock:
+            return len(self.bodies)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """urllib honours proxy variables; the stand-in on 127.0.0.1 must be reached directly."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def stand_in():
+    servers = []
+
+    def start(policy):
+        servers.append(StandIn(policy))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def always(text):
+    return lambda n, body: ("reply", text)
+
+
+def marker_policy(n, body):
+    """Prefers the answer that carries MARK; both or neither: tie."""
+    first, second = answers_in_prompt(body["messages"])
+    if (MARK in first) == (MARK in second):
+        return ("reply", "Both are equally good. [[C]]")
+    return ("reply", "After comparing them: " + ("[[A]]" if MARK in first else "[[B]]"))
+
+
+def no_sleep(seconds):
+    pass
+
+
+def judge_for(server, **kw):
+    kw.setdefault("api_key", "k")
+    kw.setdefault("sleep", no_sleep)
+    kw.setdefault("timeout", 5.0)
+    return openai_judge("stand-in-judge", server.url, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data built by the tests.
+
+def make_questions(n, turns=2):
+    out = []
+    for i in range(n):
+        cat = CATEGORIES[i % len(CATEGORIES)]
+        ref = [f"ref {i} turn {t}" for t in (1, 2)][:turns] if cat in ("math", "coding") else None
+        out.append(Question(100 + i, cat, tuple(f"question {i} turn {t}?" for t in (1, 2))[:turns],
+                            None if ref is None else tuple(ref)))
+    return out
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def question_rows(questions):
+    return [{"question_id": q.question_id, "category": q.category, "turns": list(q.turns),
+             **({"reference": list(q.reference)} if q.reference else {})} for q in questions]
+
+
+def answer_rows(model, questions, marked=()):
+    """FastChat answer records; `marked` holds (question_id, turn) pairs whose answer carries MARK."""
+    return [{"question_id": q.question_id, "answer_id": f"{model}-{q.question_id}", "model_id": model,
+             "choices": [{"index": 0, "turns": [f"{model} answers turn {t} of {q.question_id}"
+                                                + (f" {MARK}" if (q.question_id, t) in marked else "")
+                                                for t in range(1, len(q.turns) + 1)]}],
+             "tstamp": 1.0} for q in questions]
+
+
+def write_inputs(tmp_path, questions, marked_a=(), marked_b=()):
+    return (write_jsonl(tmp_path / "questions.jsonl", question_rows(questions)),
+            write_jsonl(tmp_path / "a.jsonl", answer_rows("model-a", questions, marked_a)),
+            write_jsonl(tmp_path / "b.jsonl", answer_rows("model-b", questions, marked_b)))
+
+
+def log_lines(out):
+    path = Path(out) / JUDGMENTS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Protocol.
+
+def test_position_bias_always_a_yields_only_ties(tmp_path, stand_in):
+    server = stand_in(always("The first answer is better. [[A]]"))
+    questions = make_questions(4)
+    q, a, b = write_inputs(tmp_path, questions, marked_a={(100, 1), (101, 2)})
+    s = judge_pairwise(q, a, b, judge_for(server), tmp_path / "out")
+    assert server.count == 4 * 2 * 2  # every question turn, both orders
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (0, 8, 0, 0)
+    assert s["win_rate"] == 0.0 and s["adjusted_win_rate"] == 0.5
+    records = log_lines(tmp_path / "out")
+    assert {r["verdict"] for r in records} == {"A"}
+    assert {(r["order"], r["winner"]) for r in records} == {("AB", "model_a"), ("BA", "model_b")}
+    assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["ties"] == 8
+
+
+def test_a_judge_preferring_a_marker_gives_wins_and_losses(tmp_path, stand_in):
+    server = stand_in(marker_policy)
+    questions = make_questions(8)
+    ids = [q.question_id for q in questions]
+    # per question turn: the marker on A only (win), on B only (loss), on both or neither (tie)
+    marked_a = {(ids[0], 1), (ids[0], 2), (ids[1], 1), (ids[2], 2), (ids[3], 1), (ids[5], 2)}
+    marked_b = {(ids[1], 2), (ids[2], 1), (ids[3], 1), (ids[4], 1), (ids[4], 2), (ids[6], 2)}
+    q, a, b = write_inputs(tmp_path, questions, marked_a, marked_b)
+    s = judge_pairwise(q, a, b, judge_for(server), tmp_path / "out", workers=3)
+
+    def expected(keep):
+        counts = {"win": 0, "tie": 0, "loss": 0}
+        for qq in questions:
+            for t in (1, 2):
+                if keep(qq, t):
+                    ina, inb = (qq.question_id, t) in marked_a, (qq.question_id, t) in marked_b
+                    counts["win" if ina and not inb else "loss" if inb and not ina else "tie"] += 1
+        return counts["win"], counts["tie"], counts["loss"]
+
+    def got(stats):
+        return stats["wins"], stats["ties"], stats["losses"]
+
+    assert got(s) == expected(lambda qq, t: True) == (5, 6, 5)  # counted by hand from the sets above
+    assert s["errors"] == 0 and s["win_rate"] == pytest.approx(5 / 16)
+    assert s["adjusted_win_rate"] == pytest.approx((5 + 6 / 2) / 16)
+    for turn in (1, 2):
+        assert got(s["per_turn"][str(turn)]) == expected(lambda qq, t: t == turn)
+    for cat in CATEGORIES:
+        assert got(s["per_category"][cat]) == expected(lambda qq, t: qq.category == cat)
+    assert server.count == 32
+
+
+def test_prompts_follow_mt_bench_templates():
+    """Expected strings are FastChat's pair-v2 / pair-v2-multi-turn / pair-math-v1(-multi-turn)
+    prompt templates (fastchat/llm_judge/data/judge_prompts.jsonl) filled in by hand."""
+    q = Question(1, "writing", ("Q1", "Q2"))
+    msgs = build_messages(q, 1, ("a1", "a2"), ("b1", "b2"))
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[1]["content"] == ("[User Question]\nQ1\n\n[The Start of Assistant A's Answer]\na1\n"
+                                  "[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n"
+                                  "b1\n[The End of Assistant B's Answer]")
+    assert msgs[1]["content"] == build_messages(Question(1, "math", ("Q1", "Q2")), 1, ("a1",), ("b1",))[1]["content"]
+    conv = ("<|The Start of Assistant A's Conversation with User|>\n\n### User:\nQ1\n\n### Assistant A:\na1\n\n"
+            "### User:\nQ2\n\n### Assistant A:\na2\n\n<|The End of Assistant A's Conversation with User|>\n\n\n"
+            "<|The Start of Assistant B's Conversation with User|>\n\n### User:\nQ1\n\n### Assistant B:\nb1\n\n"
+            "### User:\nQ2\n\n### Assistant B:\nb2\n\n<|The End of Assistant B's Conversation with User|>")
+    assert build_messages(q, 2, ("a1", "a2"), ("b1", "b2"))[1]["content"] == conv
+    math = Question(2, "math", ("Q1", "Q2"), ("r1", "r2"))
+    m1 = build_messages(math, 1, ("a1", "a2"), ("b1", "b2"))[1]["content"]
+    assert m1 == ("[User Question]\nQ1\n\n[The Start of Reference Answer]\nr1\n[The End of Reference Answer]\n\n"
+                  "[The Start of Assistant A's Answer]\na1\n[The End of Assistant A's Answer]\n\n"
+                  "[The Start of Assistant B's Answer]\nb1\n[The End of Assistant B's Answer]")
+    m2 = build_messages(math, 2, ("a1", "a2"), ("b1", "b2"))[1]["content"]
+    assert m2 == ("<|The Start of Reference Answer|>\n\n### User:\nQ1\n\n### Reference answer:\nr1\n\n"
+                  "### User:\nQ2\n\n### Reference answer:\nr2\n\n<|The End of Reference Answer|>\n\n\n" + conv)
+    # a reference on a category that does not use one is not shown; the instructions differ with one
+    writing_ref = Question(3, "writing", ("Q1", "Q2"), ("r1", "r2"))
+    assert "Reference" not in build_messages(writing_ref, 1, ("a1",), ("b1",))[1]["content"]
+    assert build_messages(math, 1, ("a1",), ("b1",))[0] != build_messages(q, 1, ("a1",), ("b1",))[0]
+    for m in (msgs, build_messages(math, 2, ("a1", "a2"), ("b1", "b2"))):
+        assert all(v in m[0]["content"] for v in ("[[A]]", "[[B]]", "[[C]]"))
+
+
+def test_answers_in_prompt_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    alphabet = list("abc xyz\n#[]|<>:.'") + ["### User:", "Assistant B"]
+    for i in range(50):
+        texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 30))) for _ in range(4)]
+        q = Question(i, ("math", "writing")[i % 2], ("Q1", "Q2"), ("r1", "r2"))
+        for turn in (1, 2):
+            got = answers_in_prompt(build_messages(q, turn, tuple(texts[:2]), tuple(texts[2:])))
+            assert got == (texts[turn - 1], texts[turn + 1])
+
+
+def test_parse_verdict_and_combination():
+    assert parse_verdict("reasoning... [[B]]") == "B"
+    assert parse_verdict("format is [[A]] / [[B]] / [[C]]; my verdict: [[A]]") == "A"
+    assert parse_verdict("A is better") is None and parse_verdict("[A]") is None and parse_verdict("") is None
+    # the truth table of the protocol: wins need both orders, an error anywhere is an error
+    sides = ("model_a", "model_b", "tie", "error")
+    table = {("model_a", "model_a"): "win", ("model_b", "model_b"): "loss"}
+    for x in sides:
+        for y in sides:
+            want = "error" if "error" in (x, y) else table.get((x, y), "tie")
+            assert combine_orders(x, y) == want, (x, y)
+
+
+def test_references_reach_the_judge(tmp_path, stand_in):
+    server = stand_in(always("[[C]]"))
+    questions = [Question(1, "math", ("M1", "M2")), Question(2, "writing", ("W1", "W2"))]
+    q = write_jsonl(tmp_path / "q.jsonl", question_rows(questions))
+    refs = write_jsonl(tmp_path / "refs.jsonl", [
+        {"question_id": 1, "model_id": "gpt-4", "choices": [{"index": 0, "turns": ["REF-M1", "REF-M2"]}]},
+        {"question_id": 2, "model_id": "gpt-4", "choices": [{"index": 0, "turns": ["REF-W1", "REF-W2"]}]}])
+    assert load_references(refs) == {1: ("REF-M1", "REF-M2"), 2: ("REF-W1", "REF-W2")}
+    loaded = load_questions(q, references=refs)
+    a = write_jsonl(tmp_path / "a.jsonl", answer_rows("ma", questions))
+    b = write_jsonl(tmp_path / "b.jsonl", answer_rows("mb", questions))
+    judge_pairwise(loaded, a, b, judge_for(server), tmp_path / "out")
+    by_question = {}
+    for body in server.bodies:
+        assert body["model"] == "stand-in-judge" and body["temperature"] == 0
+        text = body["messages"][1]["content"]
+        by_question.setdefault("M1" in text, []).append(text)
+    assert all("REF-M1" in t for t in by_question[True]) and len(by_question[True]) == 4
+    assert sum("### Reference answer:\nREF-M2" in t for t in by_question[True]) == 2
+    assert not any("REF-W" in t for t in by_question[False])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults.
+
+def test_transient_faults_are_retried_with_backoff(stand_in):
+    script = [("status", 429, {"Retry-After": "7"}, '{"error": "slow down"}'),
+              ("status", 500, {}, "boom"),
+              ("sleep", 1.0, "late [[A]]"),     # longer than the client's timeout
+              ("drop",),                        # connection closed without a response
+              ("garbage",),                     # 200 with a body that is not JSON
+              ("status", 503, {}, "unavailable"),
+              ("reply", "fine. [[B]]")]
+    server = stand_in(lambda n, body: script[n])
+    sleeps = []
+    judge = judge_for(server, timeout=0.25, backoff=0.5, max_backoff=3.0, sleep=sleeps.append)
+    assert judge([{"role": "user", "content": "hi"}]) == "fine. [[B]]"
+    assert server.count == len(script)
+    # Retry-After honoured, then backoff 0.5 * 2**attempt capped at 3
+    assert sleeps == [7.0, 1.0, 2.0, 3.0, 3.0, 3.0]
+
+
+def test_retry_after_forms():
+    assert _retry_after("3") == 3.0 and _retry_after("0.5") == 0.5 and _retry_after(None) is None
+    future = datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert 25 <= _retry_after(format_datetime(future, usegmt=True)) <= 30
+    assert _retry_after("not a date") is None
+
+
+def test_client_errors_are_not_retried_and_persistent_faults_give_up(stand_in):
+    server = stand_in(lambda n, body: ("status", 400, {}, '{"error": "bad model"}'))
+    with pytest.raises(JudgeError, match="HTTP 400") as info:
+        judge_for(server)([{"role": "user", "content": "x"}])
+    assert not isinstance(info.value, JudgeUnavailable) and server.count == 1
+    server = stand_in(lambda n, body: ("status", 502, {}, "bad gateway"))
+    sleeps = []
+    with pytest.raises(JudgeUnavailable, match="after 4 attempts"):
+        judge_for(server, max_retries=3, sleep=sleeps.append, backoff=1.0)([{"role": "user", "content": "x"}])
+    assert server.count == 4 and sleeps == [1.0, 2.0, 4.0]
+
+
+def test_no_verdict_is_asked_again_then_recorded_as_error(tmp_path, stand_in):
+    questions = make_questions(3)
+    mute, slow = questions[0].turns[0], questions[1].turns[0]
+    asks_per_prompt = {}
+
+    def policy(n, body):
+        text = body["messages"][1]["content"]
+        key = text
+        asks_per_prompt[key] = asks_per_prompt.get(key, 0) + 1
+        if mute in text:
+            return ("reply", "I cannot decide between them.")
+        if slow in text and asks_per_prompt[key] <= 2:  # verdict only at the third ask
+            return ("reply", "Hmm.")
+        return ("reply", "[[A]]")
+
+    server = stand_in(policy)
+    q, a, b = write_inputs(tmp_path, questions)
+    s = judge_pairwise(q, a, b, judge_for(server), tmp_path / "out", max_reasks=3)
+    records = {(r["question_id"], r["turn"], r["order"]): r for r in log_lines(tmp_path / "out")}
+    mute_id, slow_id = questions[0].question_id, questions[1].question_id
+    for turn in (1, 2):
+        for order in ("AB", "BA"):
+            bad, late = records[(mute_id, turn, order)], records[(slow_id, turn, order)]
+            assert (bad["verdict"], bad["winner"], bad["asks"]) == (None, "error", 4)
+            assert bad["judgment"] == "I cannot decide between them."
+            assert (late["verdict"], late["asks"]) == ("A", 3)
+    assert server.count == 4 * 4 + 4 * 3 + 4 * 1
+    # errors are counted apart: never ties, never in the rates' denominator
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (0, 4, 0, 2)
+    assert s["question_turns"] == 6 and s["adjusted_win_rate"] == 0.5
+    assert s["per_category"][questions[0].category]["errors"] == 2
+    # --retry-errors asks again for those only
+    server2 = stand_in(always("[[C]]"))
+    s2 = judge_pairwise(q, a, b, judge_for(server2), tmp_path / "out", retry_errors=True)
+    assert server2.count == 4 and s2["errors"] == 0 and s2["ties"] == 6
+
+
+def test_resume_after_crash_asks_only_for_missing_verdicts(tmp_path, stand_in):
+    healthy = {"on": False}
+
+    def policy(n, body):
+        if healthy["on"] or n < 7:
+            return marker_policy(n, body)
+        return ("status", 503, {}, "down for good")
+
+    server = stand_in(policy)
+    questions = make_questions(5)
+    q, a, b = write_inputs(tmp_path, questions, marked_a={(100, 1), (102, 2)}, marked_b={(103, 1)})
+    out = tmp_path / "out"
+    with pytest.raises(JudgeUnavailable):
+        judge_pairwise(q, a, b, judge_for(server, max_retries=2), out)
+    assert len(log_lines(out)) == 7 and not (out / SUMMARY_FILE).exists()
+    assert server.count == 7 + 3
+    with open(out / JUDGMENTS_FILE, "ab") as f:  # the process died while writing a line
+        f.write(b'{"question_id": 104, "turn": 2, "ord')
+    assert len(read_judgments(out / JUDGMENTS_FILE)) == 7
+    healthy["on"] = True
+    before = server.count
+    s = judge_pairwise(q, a, b, judge_for(server), out)
+    assert server.count - before == 20 - 7
+    lines = log_lines(out)  # every line parses: the torn one was cut before appending
+    assert len(lines) == 20 and len({(r["question_id"], r["turn"], r["order"]) for r in lines}) == 20
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (2, 7, 1, 0)
+    before = server.count
+    assert judge_pairwise(q, a, b, judge_for(server), out) == s
+    assert server.count == before  # nothing left to ask
+
+
+def test_existing_log_of_other_models_is_refused(tmp_path, stand_in):
+    server = stand_in(always("[[C]]"))
+    questions = make_questions(1)
+    q, a, b = write_inputs(tmp_path, questions)
+    judge_pairwise(q, a, b, judge_for(server), tmp_path / "out")
+    c = write_jsonl(tmp_path / "c.jsonl", answer_rows("model-c", questions))
+    with pytest.raises(ValueError, match=r"judgments.jsonl:1: judges 'model-a' vs 'model-b'"):
+        judge_pairwise(q, a, c, judge_for(server), tmp_path / "out")
+    other_judge = openai_judge("another-judge", server.url, sleep=no_sleep)
+    with pytest.raises(ValueError, match=r"judgments.jsonl:1: verdict of judge 'openai:stand-in-judge'"):
+        judge_pairwise(q, a, b, other_judge, tmp_path / "out")
+    assert server.count == 4
+
+
+def test_workers_give_the_same_verdicts(tmp_path, stand_in):
+    server = stand_in(marker_policy)
+    questions = make_questions(6)
+    marked = {(100 + i, 1 + i % 2) for i in range(0, 6, 2)}
+    q, a, b = write_inputs(tmp_path, questions, marked_a=marked, marked_b={(101, 1)})
+    one = judge_pairwise(q, a, b, judge_for(server), tmp_path / "one", workers=1)
+    four = judge_pairwise(q, a, b, judge_for(server), tmp_path / "four", workers=4)
+    assert one == four
+
+    def strip(records):
+        return sorted((r["question_id"], r["turn"], r["order"], r["winner"]) for r in records)
+
+    assert strip(log_lines(tmp_path / "one")) == strip(log_lines(tmp_path / "four"))
+
+
+def test_a_python_callable_is_a_judge(tmp_path):
+    questions = make_questions(4, turns=1)
+    q, a, b = write_inputs(tmp_path, questions, marked_a={(100, 1), (101, 1)})
+
+    def verifier(messages):
+        first, second = answers_in_prompt(messages)
+        return "[[A]]" if MARK in first else "[[B]]" if MARK in second else "[[C]]"
+
+    s = judge_pairwise(load_questions(q), load_answers(a), load_answers(b), verifier, tmp_path / "out",
+                       judge_name="verifier")
+    assert (s["wins"], s["ties"], s["losses"]) == (2, 2, 0) and s["judge"] == "verifier"
+    assert list(s["per_turn"]) == ["1"]
+    # plain dicts work too, and are checked like file lines
+    rows_a = answer_rows("model-a", questions)
+    with pytest.raises(ValueError, match=r"answers A: question_id 100 appears twice \(answers_a\[4\]\)"):
+        judge_pairwise(question_rows(questions), rows_a + rows_a[:1], answer_rows("model-b", questions),
+                       verifier, tmp_path / "out2")
+    with pytest.raises(ValueError, match=r"questions\[1\]: missing field 'category'"):
+        judge_pairwise([question_rows(questions)[0], {"question_id": 5, "turns": ["x"]}], rows_a,
+                       rows_a, verifier, tmp_path / "out2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary math.
+
+def synthetic_records(questions, rng, p=(0.3, 0.2, 0.3, 0.15, 0.05)):
+    """Random winners per order: model_a, model_b, tie, (disagreeing handled by chance), error."""
+    choices = ["model_a", "model_b", "tie"]
+    records = []
+    for q in questions:
+        for turn in range(1, len(q.turns) + 1):
+            kind = rng.choice(5, p=p)
+            ab, ba = [("model_a", "model_a"), ("model_b", "model_b"), ("tie", "tie"),
+                      (choices[rng.integers(3)], choices[rng.integers(3)]), ("error", "model_a")][kind]
+            for order, winner in (("AB", ab), ("BA", ba)):
+                records.append({"question_id": q.question_id, "turn": turn, "order": order, "winner": winner,
+                                "model_a": "a", "model_b": "b"})
+    return records
+
+
+def test_summary_counts_rates_and_interval():
+    rng = np.random.default_rng(1)
+    questions = make_questions(60)
+    records = synthetic_records(questions, rng)
+    s = summarize(questions, records, seed=3, n_bootstrap=500)
+    # independent tally straight from the records
+    by_key = {(r["question_id"], r["turn"], r["order"]): r["winner"] for r in records}
+    tally = {"win": 0, "tie": 0, "loss": 0, "error": 0}
+    for q in questions:
+        for t in (1, 2):
+            ab, ba = by_key[(q.question_id, t, "AB")], by_key[(q.question_id, t, "BA")]
+            tally["error" if "error" in (ab, ba) else "win" if ab == ba == "model_a"
+                  else "loss" if ab == ba == "model_b" else "tie"] += 1
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == tuple(tally.values())
+    assert s["question_turns"] == 120 and s["pending"] == 0 and s["questions"] == 60
+    w, t, l = tally["win"], tally["tie"], tally["loss"]
+    assert s["win_rate"] == pytest.approx(w / (w + t + l))
+    assert s["adjusted_win_rate"] == pytest.approx((w + t / 2) / (w + t + l))
+    for part in ("per_category", "per_turn"):
+        for k in ("wins", "ties", "losses", "errors", "question_turns"):
+            assert sum(x[k] for x in s[part].values()) == s[k], (part, k)
+    for stats in [s, *s["per_category"].values(), *s["per_turn"].values()]:
+        for rate in ("win_rate", "adjusted_win_rate"):
+            lo, hi = stats["interval"][rate]
+            assert 0 <= lo <= stats[rate] <= hi <= 1, (rate, lo, stats[rate], hi)
+    assert summarize(questions, records, seed=3, n_bootstrap=500) == s  # seeded
+    assert summarize(questions, records, seed=4, n_bootstrap=500)["interval"] != s["interval"]
+    assert json.loads(json.dumps(s)) == s
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """One turn per question, no ties: the win rate is a binomial proportion, whose 95% interval is
+    about p +- 1.96 sqrt(p(1-p)/n); the percentile bootstrap must agree in width."""
+    n = 400
+    rng = np.random.default_rng(7)
+    questions = [Question(i, "x", ("q",)) for i in range(n)]
+    wins = rng.random(n) < 0.3
+    records = [{"question_id": i, "turn": 1, "order": o, "winner": "model_a" if wins[i] else "model_b",
+                "model_a": "a", "model_b": "b"} for i in range(n) for o in ("AB", "BA")]
+    s = summarize(questions, records, seed=0, n_bootstrap=4000)
+    p = wins.mean()
+    lo, hi = s["interval"]["win_rate"]
+    assert s["win_rate"] == pytest.approx(p)
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(p, abs=0.01)
+
+
+def test_degenerate_summaries():
+    questions = make_questions(3)
+    every_win = [{"question_id": q.question_id, "turn": t, "order": o, "winner": "model_a",
+                  "model_a": "a", "model_b": "b"} for q in questions for t in (1, 2) for o in ("AB", "BA")]
+    s = summarize(questions, every_win)
+    assert s["win_rate"] == 1.0 and s["interval"]["win_rate"] == [1.0, 1.0]
+    errors = [dict(r, winner="error") for r in every_win]
+    s = summarize(questions, errors)
+    assert s["errors"] == 6 and s["win_rate"] is None and s["interval"]["win_rate"] is None
+    s = summarize(questions, every_win[:5])  # question 100 turn 1 and 2 complete, turn-1 of 101 half
+    assert s["pending"] == 4 and s["question_turns"] == 2
+    assert "n/a" in markdown_table(summarize(questions, errors))
+
+
+def test_markdown_table_lists_every_slice():
+    rng = np.random.default_rng(2)
+    questions = make_questions(8)
+    s = summarize(questions, synthetic_records(questions, rng), n_bootstrap=100)
+    s.update(model_a="dpo", model_b="base", judge="openai:x")
+    table = markdown_table(s)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "slice" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["all", "turn 1", "turn 2", *CATEGORIES]
+    cells = rows[0].split("|")
+    assert [c.strip() for c in cells[2:7]] == [str(s[k]) for k in ("questions", "wins", "ties", "losses", "errors")]
+    assert f"{s['win_rate']:.3f}" in rows[0] and "**dpo** vs **base**" in table
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs.
+
+def test_malformed_question_lines_name_file_and_line(tmp_path):
+    good = {"question_id": 1, "category": "writing", "turns": ["a", "b"]}
+    cases = [("{not json", r"q.jsonl:2: not valid JSON"),
+             ('["a list"]', r"q.jsonl:2: expected a JSON object"),
+             (json.dumps({"question_id": 2, "category": "x"}), r"q.jsonl:2: missing field 'turns'"),
+             (json.dumps({"question_id": 2, "category": "x", "turns": "ab"}), r"q.jsonl:2: 'turns' must be"),
+             (json.dumps({"question_id": 2, "category": "x", "turns": ["a", "b", "c"]}), r"q.jsonl:2: 'turns' has 3"),
+             (json.dumps({"question_id": 2, "category": "x", "turns": []}), r"q.jsonl:2: 'turns' has 0"),
+             (json.dumps({"question_id": True, "category": "x", "turns": ["a"]}), r"q.jsonl:2: 'question_id'"),
+             (json.dumps(good), r"q.jsonl:2: question_id 1 already on line 1")]
+    for line, pattern in cases:
+        path = tmp_path / "q.jsonl"
+        path.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=pattern):
+            load_questions(path)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_questions(tmp_path / "nope.jsonl")
+
+
+def test_malformed_answer_lines_name_file_and_line(tmp_path):
+    good = answer_rows("m", make_questions(1))[0]
+    cases = [("{", r"a.jsonl:2: not valid JSON"),
+             (json.dumps({"question_id": 5, "model_id": "m"}), r"a.jsonl:2: missing field 'choices'"),
+             (json.dumps(dict(good, question_id=5, choices=[])), r"a.jsonl:2: 'choices' must be"),
+             (json.dumps(dict(good, question_id=5, choices=[{"index": 0}])),
+              r"a.jsonl:2: missing field 'choices\[0\].turns'"),
+             (json.dumps(dict(good, question_id=5, choices=[{"turns": [1, 2]}])), r"a.jsonl:2: 'choices\[0\].turns'"),
+             (json.dumps(dict(good, question_id=5, model_id="other")), r"a.jsonl:2: model_id 'other' differs"),
+             (json.dumps(good), r"a.jsonl:2: question_id 100 already answered at .*a.jsonl:1")]
+    for line, pattern in cases:
+        path = tmp_path / "a.jsonl"
+        path.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=pattern):
+            load_answers(path)
+
+
+def test_malformed_judgments_line_is_an_error_but_a_torn_tail_is_not(tmp_path):
+    path = tmp_path / JUDGMENTS_FILE
+    rec = {"question_id": 1, "turn": 1, "order": "AB", "winner": "tie", "model_a": "a", "model_b": "b"}
+    path.write_text(json.dumps(rec) + "\n{oops\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=r"judgments.jsonl:2: not valid JSON"):
+        read_judgments(path)
+    path.write_text(json.dumps(rec) + "\n" + json.dumps({"turn": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"judgments.jsonl:2: not a judgment record"):
+        read_judgments(path)
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(rec)[:20])
+    assert [r for _, r in read_judgments(path)] == [rec]
+
+
+def test_missing_answers_are_listed(tmp_path, stand_in):
+    server = stand_in(always("[[C]]"))
+    questions = make_questions(4)
+    q = write_jsonl(tmp_path / "q.jsonl", question_rows(questions))
+    a = write_jsonl(tmp_path / "a.jsonl", answer_rows("ma", questions[:3]))
+    b = write_jsonl(tmp_path / "b.jsonl", answer_rows("mb", questions[1:]))
+    listed = r"answers A lack 1 question\(s\): \[103\]; answers B lack 1 question\(s\): \[100\]"
+    with pytest.raises(ValueError, match=listed):
+        judge_pairwise(q, a, b, judge_for(server), tmp_path / "out")
+    assert server.count == 0
+    with pytest.warns(UserWarning, match=r"skipping questions without answers"):
+        s = judge_pairwise(q, a, b, judge_for(server), tmp_path / "out", allow_missing=True)
+    assert s["skipped_questions"] == [100, 103] and s["questions"] == 2 and server.count == 8
+    short = answer_rows("mb", questions)
+    short[1]["choices"][0]["turns"] = ["only one"]
+    b2 = write_jsonl(tmp_path / "b2.jsonl", short)
+    with pytest.raises(ValueError, match=r"b2.jsonl:2: question 101 has 2 turn\(s\), the answer of 'mb' only 1"):
+        judge_pairwise(q, write_jsonl(tmp_path / "a2.jsonl", answer_rows("ma", questions)), b2,
+                       judge_for(server), tmp_path / "out2")
+
+
+def test_mt_bench_loads_from_the_hub_layout(tmp_path, monkeypatch):
+    """`mt-bench` reads `raw/question.jsonl` of the pinned hub dataset, whose rows name the turns
+    `prompt` and carry an empty `reference` list where there is none (downloading is faked)."""
+    import huggingface_hub
+    calls = []
+    folder = tmp_path / "snapshot"
+    (folder / "raw").mkdir(parents=True)
+    rows = [{"question_id": 81 + i, "category": CATEGORIES[i % 4], "prompt": [f"q{i} t1", f"q{i} t2"],
+             "reference": [f"r{i} t1", f"r{i} t2"] if CATEGORIES[i % 4] == "math" else []} for i in range(80)]
+    write_jsonl(folder / MT_BENCH_FILE, rows)
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    questions = load_questions("mt-bench")
+    assert len(questions) == 80 and questions[0].question_id == 81 and questions[0].turns == ("q0 t1", "q0 t2")
+    assert questions[1].reference == ("r1 t1", "r1 t2") and questions[0].reference is None
+    (repo_id, kw), = calls
+    assert repo_id == MT_BENCH_REPO and kw["repo_type"] == "dataset" and kw["allow_patterns"] == [MT_BENCH_FILE]
+    assert len(kw["revision"]) == 40
+    write_jsonl(folder / MT_BENCH_FILE, rows[:79])
+    with pytest.raises(ValueError, match="79 questions, MT-Bench has 80"):
+        load_questions("mt-bench")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line, failures and the API key.
+
+def cli_args(q, a, b, out, url, *extra):
+    return ["judge", "--questions", str(q), "--answers-a", str(a), "--answers-b", str(b), "--judge", "openai",
+            "--judge-model", "stand-in-judge", "--judge-base-url", url, "--out", str(out),
+            "--retry-backoff", "0", "--timeout", "2", *extra]
+
+
+def assert_no_secret(*texts, folder=None):
+    for text in texts:
+        assert SECRET not in text
+    for path in Path(folder).rglob("*") if folder else []:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_cli_prints_the_table_and_writes_files(tmp_path, stand_in, capsys):
+    server = stand_in(marker_policy)
+    questions = make_questions(4)
+    q, a, b = write_inputs(tmp_path, questions, marked_a={(100, 1), (101, 1), (102, 2)}, marked_b={(103, 2)})
+    assert main(cli_args(q, a, b, tmp_path / "out", server.url, "--workers", "2")) == 0
+    out, err = capsys.readouterr()
+    s = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (3, 4, 1, 0)
+    assert markdown_table(s) in out and "judging" in err  # the progress bar is on stderr
+    assert s["model_a"] == "model-a" and s["judge"] == "openai:stand-in-judge"
+
+
+def test_cli_bad_input_exits_2_naming_the_line(tmp_path, capsys):
+    questions = make_questions(2)
+    q, a, b = write_inputs(tmp_path, questions)
+    with open(b, "a") as f:
+        f.write('{"question_id": 7, "model_id": "model-b", "choices": [{"turns": ["x"]}\n')
+    assert main(cli_args(q, a, b, tmp_path / "out", "http://127.0.0.1:9/v1")) == 2
+    err = capsys.readouterr().err
+    assert f"{b}:3: not valid JSON" in err and "Traceback" not in err
+
+
+def test_cli_unreachable_judge_exits_nonzero_keeping_verdicts(tmp_path, stand_in, capsys):
+    server = stand_in(lambda n, body: ("reply", "[[C]]") if n < 3 else ("status", 503, {}, "overloaded"))
+    q, a, b = write_inputs(tmp_path, make_questions(3))
+    out = tmp_path / "out"
+    assert main(cli_args(q, a, b, out, server.url, "--max-retries", "2", "--no-progress")) == 1
+    err = capsys.readouterr().err
+    assert "unreachable after 3 attempts" in err and "HTTP 503" in err and "3 verdict(s) kept" in err
+    assert len(log_lines(out)) == 3 and not (out / SUMMARY_FILE).exists()
+    # nothing listens on a port just closed: refused connections are faults too
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(cli_args(q, a, b, out, f"http://127.0.0.1:{port}/v1", "--max-retries", "1")) == 1
+    err = capsys.readouterr().err
+    assert "unreachable after 2 attempts" in err and "connection failed" in err and "3 verdict(s) kept" in err
+    assert len(log_lines(out)) == 3
+
+
+def test_api_key_is_sent_but_never_shown(tmp_path, stand_in, monkeypatch, capfd):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    echo = f'{{"error": {{"message": "Incorrect API key provided: {SECRET}"}}}}'
+    flaky = [("status", 429, {"Retry-After": "0"}, echo), ("drop",), ("status", 500, {}, echo)]
+
+    def policy(n, body):
+        return flaky[n] if n < len(flaky) else marker_policy(n, body)
+
+    server = stand_in(policy)
+    q, a, b = write_inputs(tmp_path, make_questions(2), marked_a={(100, 1)})
+    out = tmp_path / "out"
+    assert main(cli_args(q, a, b, out, server.url)) == 0
+    assert set(server.auth) == {f"Bearer {SECRET}"}  # the key was used
+    # a server that rejects the key and echoes it back
+    rejecting = stand_in(lambda n, body: ("status", 401, {}, echo))
+    assert main(cli_args(q, a, b, tmp_path / "out401", rejecting.url)) == 1
+    # a judge that stays down, with the key in every error body
+    down = stand_in(lambda n, body: ("status", 503, {}, echo))
+    assert main(cli_args(q, a, b, tmp_path / "out503", down.url, "--max-retries", "1")) == 1
+    captured = capfd.readouterr()
+    assert "HTTP 401" in captured.err and "***" in captured.err
+    assert_no_secret(captured.out, captured.err, folder=tmp_path)
+    judge = openai_judge("m", down.url, max_retries=0, sleep=no_sleep)
+    with pytest.raises(JudgeUnavailable) as info:
+        judge([{"role": "user", "content": "x"}])
+    assert_no_secret(repr(judge), str(judge), str(info.value), repr(info.value))
+    # the whole command in a fresh interpreter, as a user runs it
+    proc = subprocess.run([sys.executable, "-m", "minidpo", *cli_args(q, a, b, tmp_path / "sub", server.url)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert "| all |" in proc.stdout
+    assert_no_secret(proc.stdout, proc.stderr, folder=tmp_path)

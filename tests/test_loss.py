@@ -1,0 +1,188 @@
+"""minidpo.loss against the papers' formulas, written out independently here in float64.
+
+References (each written from the paper, with plain sigmoid and log rather than the log-sigmoid
+the module uses):
+- DPO, Rafailov et al. 2023, eq. 7: -log σ(β h).
+- cDPO, Mitchell 2023 ("A note on DPO with noisy preferences"): labels flipped with probability ε,
+  -(1-ε) log σ(βh) - ε log(1 - σ(βh)).
+- robust DPO, Chowdhury et al. 2024, the de-biased loss [(1-ε) l(y_w, y_l) - ε l(y_l, y_w)] / (1-2ε)
+  with l the DPO loss.
+- hinge, SLiC-HF (Zhao et al. 2023) on reference-normalised log-ratios: max(0, 1 - βh).
+- IPO, Azar et al. 2023, eq. 17: (h - 1/(2τ))², τ = β.
+"""
+import math
+
+import pytest
+import torch
+
+from minidpo.loss import LOSS_TYPES, dpo_loss, needs_average
+
+BETAS = [0.01, 0.1, 0.5, 2.0]
+
+
+def reference_losses(pc, pr, rc, rr, beta, loss_type, eps):
+    """Per-pair loss in float64, from the formulas in the papers."""
+    h = (pc - rc) - (pr - rr)
+    # the model's probability that y_w (p_wl) or y_l (p_lw = 1 - p_wl) is preferred; 1 - p_wl is
+    # written as σ(-βh) because the subtraction loses digits in float64 once βh passes ~15
+    p_wl, p_lw = torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
+    dpo_wl, dpo_lw = -torch.log(p_wl), -torch.log(p_lw)  # DPO loss with labels as given / swapped
+    if loss_type == "sigmoid":
+        return (1 - eps) * dpo_wl + eps * dpo_lw
+    if loss_type == "robust":
+        return ((1 - eps) * dpo_wl - eps * dpo_lw) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.clamp(1 - beta * h, min=0)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise AssertionError(loss_type)
+
+
+def random_logps(b, seed, dtype=torch.float64, scale=1.0):
+    """Four [B] tensors like summed sequence log-probs (negative), policy near reference."""
+    g = torch.Generator().manual_seed(seed)
+    ref = -torch.rand(2, b, generator=g, dtype=torch.float64) * 60 * scale - 1
+    policy = ref + torch.randn(2, b, generator=g, dtype=torch.float64) * 3 * scale
+    return [t.to(dtype) for t in (policy[0], policy[1], ref[0], ref[1])]
+
+
+CASES = ([("sigmoid", e) for e in (0.0, 0.1, 0.3, 0.5)] + [("robust", e) for e in (0.0, 0.1, 0.3)]
+         + [("hinge", 0.0), ("ipo", 0.0)])
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("loss_type,eps", CASES)
+def test_matches_paper_formula_float64_values_and_gradients(beta, loss_type, eps):
+    for seed in range(3):
+        scale = 0.05 if loss_type == "ipo" else 1.0  # IPO sees per-token averages: small differences
+        inputs = [t.requires_grad_() for t in random_logps(37, seed, scale=scale)]
+        out = dpo_loss(*inputs, beta=beta, loss_type=loss_type, label_smoothing=eps)
+        ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        want = reference_losses(*ref_inputs, beta, loss_type, eps)
+
+        assert out.loss.dtype == torch.float64 and out.loss.ndim == 0
+        torch.testing.assert_close(out.losses, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.loss, want.mean(), rtol=1e-10, atol=1e-12)
+        pc, pr, rc, rr = (t.detach() for t in inputs)
+        torch.testing.assert_close(out.chosen_rewards, beta * (pc - rc), rtol=0, atol=0)
+        torch.testing.assert_close(out.rejected_rewards, beta * (pr - rr), rtol=0, atol=0)
+
+        out.loss.backward()
+        want.mean().backward()
+        for ours, theirs in zip(inputs[:2], ref_inputs[:2]):  # the policy's gradients
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+        assert inputs[2].grad is None and inputs[3].grad is None  # nothing flows into the reference
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_sigmoid_gradient_matches_closed_form(beta, eps):
+    # d/d pc of -(1-ε) log σ(βh) - ε log σ(-βh) = -β[(1-ε) σ(-βh) - ε σ(βh)], over B for the mean.
+    pc, pr, rc, rr = random_logps(16, seed=7)
+    pc.requires_grad_()
+    pr.requires_grad_()
+    dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps).loss.backward()
+    h = (pc - rc) - (pr - rr)
+    expected = -beta * ((1 - eps) * torch.sigmoid(-beta * h) - eps * torch.sigmoid(beta * h)) / 16
+    torch.testing.assert_close(pc.grad, expected.detach(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(pr.grad, -expected.detach(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.25), ("robust", 0.25)])
+def test_ln2_when_policy_equals_reference(beta, loss_type, eps):
+    _, _, rc, rr = random_logps(9, seed=3)
+    out = dpo_loss(rc.clone(), rr.clone(), rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    assert out.loss.item() == pytest.approx(math.log(2), rel=1e-12)
+    assert torch.equal(out.chosen_rewards, torch.zeros(9, dtype=torch.float64))
+    assert torch.equal(out.rejected_rewards, torch.zeros(9, dtype=torch.float64))
+    assert out.accuracy.item() == 0.0
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_hinge_and_ipo_at_policy_equals_reference(beta):
+    _, _, rc, rr = random_logps(5, seed=4)
+    assert dpo_loss(rc, rr, rc, rr, beta=beta, loss_type="hinge").loss.item() == pytest.approx(1.0)
+    ipo = dpo_loss(rc, rr, rc, rr, beta=beta, loss_type="ipo").loss.item()
+    assert ipo == pytest.approx(1 / (4 * beta ** 2), rel=1e-12)  # (0 - 1/(2β))²
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_swapping_chosen_and_rejected_flips_margins(loss_type):
+    pc, pr, rc, rr = random_logps(11, seed=5, scale=0.05 if loss_type == "ipo" else 1.0)
+    out = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type)
+    swapped = dpo_loss(pr, pc, rr, rc, beta=0.3, loss_type=loss_type)
+    torch.testing.assert_close(swapped.margins, -out.margins, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swapped.chosen_rewards, out.rejected_rewards, rtol=0, atol=0)
+    assert out.accuracy.item() + swapped.accuracy.item() == pytest.approx(1.0)  # no exact ties here
+    assert out.accuracy.item() == pytest.approx((out.margins > 0).double().mean().item())
+
+
+def test_sigmoid_swapped_is_the_other_side_of_the_logistic():
+    # -log σ(βh) - (-log σ(-βh)) = -βh: the two orders' losses differ by exactly the margin.
+    pc, pr, rc, rr = random_logps(13, seed=6)
+    out = dpo_loss(pc, pr, rc, rr, beta=0.2)
+    swapped = dpo_loss(pr, pc, rr, rc, beta=0.2)
+    torch.testing.assert_close(out.losses - swapped.losses, -out.margins, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_with_grad_gets_none():
+    pc, pr, rc, rr = (t.requires_grad_() for t in random_logps(4, seed=8))
+    out = dpo_loss(pc, pr, rc, rr)
+    out.loss.backward()
+    assert rc.grad is None and rr.grad is None
+    assert pc.grad is not None and pr.grad is not None
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_are_computed_in_float32(dtype):
+    inputs = random_logps(64, seed=9, dtype=dtype)
+    out = dpo_loss(*inputs, beta=0.1)
+    assert out.loss.dtype == torch.float32 and out.chosen_rewards.dtype == torch.float32
+    want = reference_losses(*(t.double() for t in inputs), 0.1, "sigmoid", 0.0)
+    # the inputs are exactly representable in float64; the only error is float32 arithmetic on
+    # log-probs of magnitude ~60 (ulp ~4e-6) amplified by beta < 1
+    torch.testing.assert_close(out.losses.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_extreme_margins_stay_finite():
+    pc = torch.tensor([0.0, -5000.0], dtype=torch.float32, requires_grad=True)
+    pr = torch.tensor([-5000.0, 0.0], dtype=torch.float32)
+    zero = torch.zeros(2)
+    out = dpo_loss(pc, pr, zero, zero, beta=1.0, label_smoothing=0.1)
+    out.loss.backward()
+    assert torch.isfinite(out.losses).all() and torch.isfinite(pc.grad).all()
+    # -0.9 log σ(5000) - 0.1 log σ(-5000) = 0.1 * 5000 (and the mirror image 0.9 * 5000)
+    torch.testing.assert_close(out.losses, torch.tensor([500.0, 4500.0]))
+
+
+def test_needs_average():
+    assert needs_average("ipo")
+    assert not any(needs_average(t) for t in ("sigmoid", "robust", "hinge"))
+    with pytest.raises(ValueError, match="known: sigmoid, robust, hinge, ipo"):
+        needs_average("kto")
+
+
+def test_bad_arguments_raise():
+    pc, pr, rc, rr = random_logps(3, seed=1)
+    with pytest.raises(ValueError, match=r"unknown loss_type 'dpo'; known: sigmoid, robust, hinge, ipo"):
+        dpo_loss(pc, pr, rc, rr, loss_type="dpo")
+    with pytest.raises(ValueError, match="ref_rejected has shape"):
+        dpo_loss(pc, pr, rc, rr[:2])
+    with pytest.raises(ValueError, match="policy_chosen has shape"):
+        dpo_loss(pc[None], pr[None], rc[None], rr[None])
+    with pytest.raises(ValueError, match="floating-point"):
+        dpo_loss(pc.long(), pr, rc, rr)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(pc, pr, rc, rr, beta=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(pc, pr, rc, rr, label_smoothing=0.6)
+    for loss_type in ("hinge", "ipo"):
+        with pytest.raises(ValueError, match="not defined"):
+            dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        empty = torch.zeros(0)
+        dpo_loss(empty, empty, empty, empty)
