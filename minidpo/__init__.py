@@ -4,5 +4,6 @@ from minidpo.checkpoint import load_model, save_model
 from minidpo.tokenizer import Tokenizer, load_tokenizer
 from minidpo.loss import DPOOutput, dpo_loss
 from minidpo.data import load_pairs, subset, tokenize_pairs, collate
+from minidpo.lora import apply_lora, count_trainable, load_lora, lora_disabled, merge_lora, save_lora
 
 __version__ = "0.1.0"
