@@ -236,8 +236,17 @@ class Mistral(nn.Module):
         return self.lm_head.weight
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None):
-        """Final-normed hidden states (B, T, H). With a cache, `attention_mask` covers cached + new tokens."""
+        """Final-normed hidden states (B, T, H). With a cache, `attention_mask` covers cached + new tokens.
+
+        `attention_mask` is (B, S) with 1 for real tokens, or a ready boolean (B, 1, T, S) mask
+        (True = may attend) for packed layouts; the latter needs `position_ids` and is used as is,
+        so it must already encode causality and the sliding window.
+        """
         B, T = input_ids.shape
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None or cache is not None:
+                raise ValueError("a 4-D attention_mask needs position_ids and no KV cache")
+            return self._run_layers(self.model.embed_tokens(input_ids), position_ids, attention_mask.bool(), None)
         past = cache.length if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
@@ -246,9 +255,12 @@ class Mistral(nn.Module):
         if position_ids is None:
             # Positions count real tokens only, so left/right padding does not move them.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = attention_mask_4d(attention_mask, T, self.config.sliding_window)
+        return self._run_layers(self.model.embed_tokens(input_ids), position_ids, mask, cache)
+
+    def _run_layers(self, x, position_ids, mask, cache):
+        T = x.shape[1]
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)

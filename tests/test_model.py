@@ -146,3 +146,20 @@ def test_config_validation(bad, message):
 def test_rope_scaling_is_refused():
     with pytest.raises(ValueError, match="RoPE scaling"):
         MistralConfig.from_dict({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_ready_4d_mask_equals_2d_mask(hf_mistral_dir):
+    from minidpo.model import attention_mask_4d
+
+    _, folder = hf_mistral_dir
+    model = minidpo.load_model(folder)
+    ids = _tokens(B=2, T=12)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask)
+        b = model(ids, attention_mask=attention_mask_4d(mask, 12, model.config.sliding_window), position_ids=positions)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, attention_mask=attention_mask_4d(mask, 12, None))
