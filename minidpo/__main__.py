@@ -8,7 +8,7 @@ COMMANDS = {
     "sft": "minidpo.train",
     "generate": "minidpo.generate",
     "judge": "minidpo.judge",
-    "demo": "minidpo.tinyworld",
+    "demo": "minidpo.experiment",
 }
 
 

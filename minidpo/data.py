@@ -54,7 +54,7 @@ ORCA = "Intel/orca_dpo_pairs"
 ULTRAFEEDBACK = "argilla/ultrafeedback-binarized-preferences"
 HUB_FORMATS = {CAPYBARA: "capybara", ORCA: "orca", ULTRAFEEDBACK: "ultrafeedback"}
 SHORT_NAMES = {"capybara": CAPYBARA, "orca": ORCA, "ultrafeedback": ULTRAFEEDBACK}
-FORMATS = ("auto", "standard", "conversational", "implicit", "capybara", "orca", "ultrafeedback")
+FORMATS = ("auto", "standard", "conversational", "implicit", "capybara", "orca", "ultrafeedback", "sft")
 ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -333,17 +333,26 @@ def _ultrafeedback(row: Any) -> tuple[list, str, str]:
     return prompt, _get(row, "chosen_response", str), _get(row, "rejected_response", str)
 
 
-_ADAPTERS = {"auto": _auto, "standard": _standard, "conversational": _conversational,
+def _sft(row: Any) -> tuple[list, str, str]:
+    """SFT demonstrations `{"messages": [...]}`: the last (assistant) reply is the target; there
+    is no rejected reply (the SFT loss reads only the chosen rows)."""
+    messages = _messages(_get(row, "messages", list), "messages")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise _BadRow(BAD_ROLE, "messages do not end with an assistant reply")
+    return messages[:-1], messages[-1]["content"], ""
+
+
+_ADAPTERS = {"sft": _sft, "auto": _auto, "standard": _standard, "conversational": _conversational,
              "implicit": _implicit, "capybara": _implicit, "orca": _orca, "ultrafeedback": _ultrafeedback}
 
 
-def _check_pair(prompt: list, chosen: str, rejected: str) -> None:
+def _check_pair(prompt: list, chosen: str, rejected: str, sft: bool = False) -> None:
     """Checks shared by all formats, after the row's own shape was accepted."""
     if not prompt or not any(m["content"].strip() for m in prompt):
         raise _BadRow(EMPTY_PROMPT)
     if prompt[-1]["role"] != "user":
         raise _BadRow(BAD_ROLE, f"prompt ends with a {prompt[-1]['role']!r} turn, not 'user'")
-    if not chosen.strip() or not rejected.strip():
+    if not chosen.strip() or (not sft and not rejected.strip()):
         raise _BadRow(EMPTY_RESPONSE, "chosen" if not chosen.strip() else "rejected")
     if chosen == rejected:
         raise _BadRow(IDENTICAL)
@@ -368,7 +377,7 @@ def row_to_pair(row: Any, fmt: str, source: str, index: int, *, drop_ties: bool 
     if isinstance(row, _BadRow):
         raise row
     prompt, chosen, rejected = _ADAPTERS[fmt](row)
-    _check_pair(prompt, chosen, rejected)
+    _check_pair(prompt, chosen, rejected, sft=fmt == "sft")
     if fmt == "ultrafeedback":
         tie = _rating_tie(row)
         if report is not None and tie is not False:

@@ -587,3 +587,22 @@ def test_property_tokenize_uses_or_counts_every_pair(tok, specs, max_length, max
         assert torch.equal(batch["labels"][scored], batch["input_ids"][scored])
         assert (batch["attention_mask"].sum(1) <= max_length).all()
         assert scored.sum().item() == sum(len(tp.chosen_ids) + len(tp.rejected_ids) for tp in tps)
+
+
+def test_sft_format_reads_demonstrations(tmp_path, chatml_tokenizer_dir):
+    from minidpo.tokenizer import load_tokenizer
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 plus 3?"},
+                          {"role": "assistant", "content": "5"}]},
+            {"messages": [{"role": "user", "content": "hi"}]},  # no reply: counted, not used
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, report = load_pairs([f"{path}::sft"])
+    assert [(p.prompt[-1]["content"], p.chosen) for p in pairs] == [("2 plus 3?", "5")]
+    assert report.skipped == {"bad role": 1, "empty response": 1}
+    tok = load_tokenizer(chatml_tokenizer_dir)
+    (tp,), _ = tokenize_pairs(pairs, tok, max_length=64)
+    full = tok.apply_chat_template(pairs[0].prompt + [{"role": "assistant", "content": "5"}], tokenize=True)
+    assert tp.prompt_ids + tp.chosen_ids == full[:len(tp.prompt_ids) + len(tp.chosen_ids)]
+    assert tp.chosen_ids[-1] == tok.eot_id

@@ -1,0 +1,5 @@
+"""Triton kernels, installed as `minidpo.kernels`; one module per op (`logprobs`).
+
+Nothing is imported here, so `import minidpo.kernels` works without triton; importing a
+submodule needs triton.
+"""

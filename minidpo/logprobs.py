@@ -1,0 +1,478 @@
+"""Per-sequence log-probabilities of labels under logits, the quantity every DPO loss compares.
+
+    sequence_logprobs(logits [B, T, V], labels [B, T]) -> [B] fp32
+        out[b] = sum_t m[b, t] * log_softmax(logits[b, t])[labels[b, t]],  m = labels != ignore_index
+        (divided by sum_t m[b, t] when average=True; a row with nothing scored gives 0).
+    No shift inside: logits[b, t] scores labels[b, t]. Pass a shifted view (`logits[:, :-1]`,
+    `labels[:, 1:]`); it is read in place.
+
+Backends: "triton" (minidpo.kernels.logprobs: one fused pass each way; CUDA, or CPU under
+TRITON_INTERPRET=1), "torch" (below: only scored rows, in chunks that are views of the logits,
+through an fp32 scratch chunk per thread of at most 4 MiB and 1/16 of the logits; beyond the
+gradient itself those and a few numbers per token are all the extra memory; backward recomputes
+the softmax),
+"auto" (triton for CUDA tensors when it imports, torch otherwise). On CPU the torch path and the
+fused head share their chunks out to torch.get_num_threads() Python threads running single-threaded
+ops (see _run_chunks).
+
+    sequence_logprobs_from_hidden(hidden [B, T, H], weight [V, H], labels [B, T]) -> [B] fp32
+        the same with logits = hidden @ weight.T never built: scored tokens go through the head
+        chunk_tokens at a time; backward recomputes each chunk's logits.
+"""
+import importlib
+import importlib.util
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows per torch-path chunk: at most CHUNK_ELEMENTS fp32 (4 MiB: the fastest on a 2-core EPYC,
+# 32 MiB L3, among 1-16 MiB) and at most 1/CHUNK_FRACTION of the rows.
+CHUNK_ELEMENTS = 1 << 20
+CHUNK_FRACTION = 16
+# Tokens per fused-head chunk: [512, 32000] fp32 is 64 MiB, and 512 rows keep a GEMM efficient.
+DEFAULT_CHUNK_TOKENS = 512
+HEAD_GRAD_BLOCK_V = 2048  # vocabulary rows per partial sum in the fused head's grad of hidden
+LOG2_E = 1.4426950408889634
+
+_kernels_error = None  # why minidpo.kernels.logprobs cannot be imported, once known
+
+
+def check_label_range(labels, vocab_size, ignore_index, name="labels"):
+    """ValueError naming the first label outside [0, vocab_size) that is not ignore_index."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"{name}[{', '.join(map(str, where))}] = {labels[where].item()} is outside the vocabulary "
+            f"[0, {vocab_size}) and is not ignore_index={ignore_index} ({int(bad.sum())} such labels)")
+
+
+def check_logprobs_inputs(logits, labels, ignore_index=-100, *, check_labels=True):
+    """ValueError for logits that are not [B, T, V] fp32/bf16/fp16 or labels not integer [B, T]."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be a [B, T, V] tensor, got {_describe(logits)}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    _check_labels(labels, logits.shape, logits.device, ignore_index, check_labels)
+
+
+def _check_labels(labels, logits_shape, device, ignore_index, check_range):
+    """labels must be integer [B, T] on `device`, inside [0, V) unless ignore_index."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point \
+            or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got {_describe(labels)}")
+    if tuple(labels.shape) != tuple(logits_shape[:2]):
+        raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] of logits {tuple(logits_shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but logits on {device}")
+    if logits_shape[2] == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    if check_range:
+        check_label_range(labels, logits_shape[2], ignore_index)
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def triton_kernels():
+    """The module minidpo.kernels.logprobs, or RuntimeError saying why it cannot be imported."""
+    global _kernels_error
+    if _kernels_error is None:
+        try:
+            return _import_kernels()
+        except ImportError as e:
+            _kernels_error = e
+    raise RuntimeError(
+        f"backend='triton' is unavailable: {_kernels_error!r}; use backend='torch' "
+        "(install triton on a CUDA machine for the fused kernels)") from _kernels_error
+
+
+def _import_kernels():
+    try:
+        return importlib.import_module("minidpo.kernels.logprobs")
+    except ModuleNotFoundError as e:
+        if e.name != "minidpo.kernels":
+            raise
+    # Running from a source tree that is not installed: kernels/ sits next to minidpo/.
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    if not (folder / "__init__.py").is_file():
+        raise ModuleNotFoundError(f"minidpo.kernels is not installed and {folder} is missing")
+    spec = importlib.util.spec_from_file_location(
+        "minidpo.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["minidpo.kernels"] = package
+    spec.loader.exec_module(package)
+    setattr(sys.modules["minidpo"], "kernels", package)
+    return importlib.import_module("minidpo.kernels.logprobs")
+
+
+def sequence_logprobs(logits, labels, *, ignore_index=-100, average=False, backend="auto"):
+    """logits [B, T, V] fp32/bf16/fp16 (any strides), labels [B, T] integer -> [B] fp32.
+
+    Sum (or, with average=True, mean) over t of log_softmax(logits[b, t])[labels[b, t]], skipping
+    labels equal to ignore_index. backend: "auto", "triton" or "torch" (see the module docstring).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if _triton_usable(logits) else "torch"
+    if backend == "triton":
+        return triton_kernels().triton_sequence_logprobs(
+            logits, labels, ignore_index=ignore_index, average=average)
+    check_logprobs_inputs(logits, labels, ignore_index)
+    return ChunkedSequenceLogprobs.apply(logits, labels, ignore_index, average)
+
+
+def _triton_usable(logits):
+    if not (isinstance(logits, torch.Tensor) and logits.is_cuda):
+        return False
+    try:
+        triton_kernels()
+    except RuntimeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch path: scored rows only, in chunks of consecutive rows, through one fp32 scratch chunk.
+# ---------------------------------------------------------------------------------------------
+
+def _as_rows(logits):
+    """-> (rows [R, V], k) with logits[b, t] == rows[b * k + t], a view of the same memory, or None.
+
+    Works whenever the sequence stride is a multiple of the token stride: contiguous logits and
+    shifted views such as logits[:, :-1] (k = T + 1; rows between sequences are never read).
+    """
+    B, T, V = logits.shape
+    sb, st, sv = logits.stride()
+    if T == 1:
+        st, k = sb, 1
+    elif B == 1:
+        k = T
+    elif st > 0 and sb % st == 0 and sb // st >= T:
+        k = sb // st
+    else:
+        return None
+    rows = logits.as_strided(((B - 1) * k + T, V), (st, sv), logits.storage_offset())
+    return rows, k
+
+
+class _Chunk(NamedTuple):
+    """Up to _chunk_rows(logits) scored tokens, processed together."""
+    b: torch.Tensor            # [n] sequence of each token
+    t: torch.Tensor            # [n] position of each token
+    x: Optional[torch.Tensor]  # [n, V] view of their logits rows, or None: gather logits[b, t]
+    grad_row: Optional[int]    # their first row in a contiguous [B * T, V] gradient, if consecutive
+
+
+def _chunk_rows(logits):
+    B, T, V = logits.shape
+    return max(1, min(CHUNK_ELEMENTS // V, B * T // CHUNK_FRACTION))
+
+
+def _runs(p, n):
+    """Split increasing row numbers p into (start, count) pieces of consecutive rows, count <= n."""
+    pieces, start = [], 0
+    for i in range(1, len(p) + 1):
+        if i == len(p) or p[i] != p[i - 1] + 1 or i - start == n:
+            pieces.append((start, i - start))
+            start = i
+    return pieces
+
+
+def _chunks(logits, labels, ignore_index):
+    """The scored tokens as _Chunks: runs of consecutive logits rows (views, no copy) when the
+    strides allow it, else plain slices of the token list to gather."""
+    B, T, V = logits.shape
+    b, t = _scored_positions(labels, ignore_index)
+    if b.numel() == 0:
+        return []
+    n, view = _chunk_rows(logits), _as_rows(logits)
+    if view is None:
+        return [_Chunk(b[s:s + n], t[s:s + n], None, None) for s in range(0, b.numel(), n)]
+    rows, k = view
+    p = (b * k + t).tolist()
+    chunks = []
+    for s, c in _runs(p, n):
+        b0, t0 = divmod(p[s], k)  # a run never crosses a sequence unless k == T
+        chunks.append(_Chunk(b[s:s + c], t[s:s + c], rows[p[s]:p[s] + c], b0 * T + t0))
+    return chunks
+
+
+def _exp_shifted(x, shift, out):
+    """out = exp(x - shift) in fp32 (x [n, V] any float dtype, shift [n, 1] fp32).
+
+    x - shift first, so it is exact where it matters (x near shift); then exp2 of it times
+    log2(e), which is faster than exp on CPU (SLEEF) and as accurate.
+    """
+    return torch.sub(x, shift, out=out).mul_(LOG2_E).exp2_()
+
+
+def _row_lse(x, out):
+    """x [n, V] any float dtype -> [n] fp32 log-sum-exp; out: fp32 [>= n, V] scratch (may be x)."""
+    m = x.amax(1, keepdim=True).float()
+    m.masked_fill_(m.isinf(), 0.0)  # rows of -inf: avoid inf - inf
+    return _exp_shifted(x, m, out[:x.shape[0]]).sum(1).log_().add_(m.squeeze(1))
+
+
+def _scratch(logits, chunks):
+    rows = max([c.b.numel() for c in chunks], default=1)
+    return torch.empty(rows, logits.shape[2], device=logits.device, dtype=torch.float32)
+
+
+def _run_chunks(work, chunks, device, make_state=lambda: None):
+    """Call work(chunk, state) for every chunk; -> the states made, one per thread used.
+
+    On CPU with several intra-op threads, the chunks are shared out to that many Python threads
+    whose ops run single-threaded (torch releases the GIL inside ops), each with its own state
+    (scratch buffer, gradient accumulator). The alternative, every small op of every chunk a
+    parallel region of its own, stalls badly (5x measured) when the cores are shared.
+    """
+    threads = min(torch.get_num_threads(), len(chunks))
+    if device.type != "cpu" or threads <= 1:
+        state = make_state()
+        for c in chunks:
+            work(c, state)
+        return [state]
+
+    def worker(i):
+        with torch.no_grad():  # grad mode is per thread; the chunks build no graph
+            state = make_state()
+            for c in chunks[i::threads]:
+                work(c, state)
+            return state
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # process-wide while this runs; restored below
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(worker, range(threads)))
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_token_logprobs(logits, labels, ignore_index):
+    """logits [B, T, V], labels [B, T] -> (token log-probs [B, T] fp32, 0 where ignored; lse [B, T])."""
+    B, T, V = logits.shape
+    labels = labels.long()
+    token = torch.zeros(B, T, device=logits.device, dtype=torch.float32)
+    lse = torch.zeros_like(token)
+
+    def work(c, buf):
+        x = c.x if c.x is not None else logits[c.b, c.t]
+        x_y = x.gather(1, labels[c.b, c.t][:, None]).squeeze(1).float()
+        lse_c = _row_lse(x, buf)
+        token[c.b, c.t], lse[c.b, c.t] = x_y - lse_c, lse_c
+
+    chunks = _chunks(logits, labels, ignore_index)
+    _run_chunks(work, chunks, logits.device, lambda: _scratch(logits, chunks))
+    return token, lse
+
+
+def torch_token_grad(logits, labels, lse, gscale, ignore_index):
+    """d(sum_b gscale[b] * sum_t logp[b, t]) / d logits: [B, T, V] contiguous in the logits' dtype.
+
+    Each row is written once: zeros for ignored tokens; g (onehot - softmax) for the others, straight
+    into the gradient for fp32 runs of consecutive rows, else through the fp32 scratch chunk.
+    """
+    B, T, V = logits.shape
+    labels, scored, gscale = labels.long(), labels != ignore_index, gscale.float()
+    grad = torch.empty(B * T, V, device=logits.device, dtype=logits.dtype)
+    grad.index_fill_(0, (~scored).flatten().nonzero().squeeze(1), 0.0)
+
+    def work(c, buf):
+        n, x = c.b.numel(), (c.x if c.x is not None else logits[c.b, c.t])
+        target = grad[c.grad_row:c.grad_row + n] if c.grad_row is not None else None
+        out = target if target is not None and grad.dtype == torch.float32 else buf[:n]
+        g = gscale[c.b]
+        _exp_shifted(x, lse[c.b, c.t][:, None], out).mul_(-g[:, None])
+        out[torch.arange(n, device=out.device), labels[c.b, c.t]] += g
+        if target is None:
+            grad.index_copy_(0, c.b * T + c.t, out.to(grad.dtype))
+        elif out is not target:
+            target.copy_(out)
+
+    chunks = _chunks(logits, labels, ignore_index)
+    direct = grad.dtype == torch.float32 and all(c.grad_row is not None for c in chunks)
+    _run_chunks(work, chunks, logits.device, lambda: None if direct else _scratch(logits, chunks))
+    return grad.view(B, T, V)
+
+
+def sequence_scale(labels, ignore_index, average):
+    """[B] fp32: 1, or 1 / (scored tokens, at least 1) when averaging."""
+    if not average:
+        return torch.ones(labels.shape[0], device=labels.device, dtype=torch.float32)
+    return 1.0 / (labels != ignore_index).sum(1).clamp(min=1).float()
+
+
+def _scored_positions(labels, ignore_index):
+    """-> (b [N], t [N]) int64 of the scored tokens, in row-major order."""
+    b, t = (labels != ignore_index).nonzero(as_tuple=True)
+    return b, t
+
+
+class ChunkedSequenceLogprobs(torch.autograd.Function):
+    """The torch path: saves the logits (a reference) and one fp32 lse per token."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, average):
+        token, lse = torch_token_logprobs(logits, labels, ignore_index)
+        scale = sequence_scale(labels, ignore_index, average)
+        ctx.save_for_backward(logits, labels, lse, scale)
+        ctx.ignore_index = ignore_index
+        return token.sum(1) * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse, scale = ctx.saved_tensors
+        grad = torch_token_grad(logits, labels, lse, grad_out.float() * scale, ctx.ignore_index)
+        return grad, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused head: logits = hidden @ weight.T, built chunk_tokens scored tokens at a time.
+# ---------------------------------------------------------------------------------------------
+
+def _mm_fp32(a, b):
+    """a [n, k] @ b [k, m] -> fp32, accumulated and returned in fp32 whatever the input dtype."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # older torch: half output, rounded once
+            return (a @ b).float()
+    return a.float() @ b.float()
+
+
+def head_logits(h, weight):
+    """h [n, H], weight [V, H] -> logits [n, V] fp32. Split out so tests can watch the chunking."""
+    return _mm_fp32(h, weight.t())
+
+
+def _head_weight(weight, device):
+    """The weight the chunks multiply by: a single fp32 copy for half weights on CPU
+    (CPU has no half GEMM with fp32 output), the weight itself otherwise."""
+    if weight.dtype != torch.float32 and device.type == "cpu":
+        return weight.float()
+    return weight
+
+
+def _hidden_grad(d, w):
+    """d [n, V] fp32 @ w [V, H] -> [n, H] fp32, summed over blocks of HEAD_GRAD_BLOCK_V vocabulary
+    rows: one fp32 dot product of length V = 32000 (as a single GEMM does it) is off by ~3e-5
+    relative, more than the 1e-5 this op promises; block sums stay near 1e-6."""
+    d = d.to(w.dtype)
+    out = None
+    for s in range(0, w.shape[0], HEAD_GRAD_BLOCK_V):
+        part = _mm_fp32(d[:, s:s + HEAD_GRAD_BLOCK_V], w[s:s + HEAD_GRAD_BLOCK_V])
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def _token_chunks(count, chunk_tokens):
+    return [slice(c0, min(c0 + chunk_tokens, count)) for c0 in range(0, count, chunk_tokens)]
+
+
+def _fused_forward(hidden, weight, labels, b, t, chunk_tokens):
+    """-> (token log-probs [N] fp32, lse [N] fp32) for the scored tokens at (b, t)."""
+    w = _head_weight(weight, hidden.device)
+    token = torch.empty(b.numel(), device=hidden.device, dtype=torch.float32)
+    lse = torch.empty_like(token)
+
+    def work(s, _):
+        logits = head_logits(hidden[b[s], t[s]], w)  # [n, V] fp32, the chunk's only big buffer
+        x_y = logits.gather(1, labels[b[s], t[s]][:, None]).squeeze(1)
+        lse_c = _row_lse(logits, logits)  # consumes the logits
+        token[s], lse[s] = x_y - lse_c, lse_c
+
+    _run_chunks(work, _token_chunks(b.numel(), chunk_tokens), hidden.device)
+    return token, lse
+
+
+def _fused_backward(ctx, hidden, weight, labels, b, t, lse, g_tok):
+    """Recompute each chunk's logits; -> (grad hidden or None, grad weight or None)."""
+    want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    w = _head_weight(weight, hidden.device)
+    grad_h = torch.zeros_like(hidden) if want_h else None
+
+    def work(s, grad_w):
+        h, g = hidden[b[s], t[s]], g_tok[s]
+        logits = head_logits(h, w)
+        d = _exp_shifted(logits, lse[s, None], logits).mul_(-g[:, None])
+        d[torch.arange(g.numel(), device=d.device), labels[b[s], t[s]]] += g  # g (onehot - p)
+        if want_h:
+            grad_h[b[s], t[s]] = _hidden_grad(d, w).to(hidden.dtype)
+        if want_w:
+            grad_w.addmm_(d.t(), h.float())
+
+    def accumulator():  # one per thread: fp32 [V, H]
+        return torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
+
+    accs = _run_chunks(work, _token_chunks(b.numel(), ctx.chunk_tokens), hidden.device, accumulator)
+    if not want_w:
+        return grad_h, None
+    for acc in accs[1:]:
+        accs[0].add_(acc)
+    return grad_h, accs[0].to(weight.dtype)
+
+
+class FusedHeadLogprobs(torch.autograd.Function):
+    """Head + log-prob over scored tokens; saves (b, t, lse) per scored token, nothing per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, average, chunk_tokens):
+        labels = labels.long()
+        b, t = _scored_positions(labels, ignore_index)
+        token, lse = _fused_forward(hidden, weight, labels, b, t, chunk_tokens)
+        scale = sequence_scale(labels, ignore_index, average)
+        out = torch.zeros(labels.shape[0], device=hidden.device, dtype=torch.float32)
+        out.index_add_(0, b, token)
+        ctx.save_for_backward(hidden, weight, labels, b, t, lse, scale)
+        ctx.chunk_tokens = chunk_tokens
+        return out * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, b, t, lse, scale = ctx.saved_tensors
+        g_tok = (grad_out.float() * scale)[b]
+        grad_h, grad_w = _fused_backward(ctx, hidden, weight, labels, b, t, lse, g_tok)
+        return grad_h, grad_w, None, None, None, None
+
+
+def _check_head_inputs(hidden, weight, labels, ignore_index, chunk_tokens):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"hidden must be a float32/bfloat16/float16 [B, T, H] tensor, got "
+                         f"{_describe(hidden)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[2]}], got {_describe(weight)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                         f"({hidden.dtype}, {hidden.device})")
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    _check_labels(labels, (*hidden.shape[:2], weight.shape[0]), hidden.device, ignore_index, True)
+
+
+def sequence_logprobs_from_hidden(hidden, weight, labels, *, ignore_index=-100, average=False,
+                                  chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """hidden [B, T, H], weight [V, H] (the LM head; same dtype), labels [B, T] -> [B] fp32.
+
+    Equals sequence_logprobs(hidden @ weight.T, labels) without building the [B, T, V] logits:
+    only scored tokens go through the head, chunk_tokens at a time (fp32 logits for each chunk,
+    accumulated in fp32), and backward recomputes each chunk. The gradient of hidden is computed
+    always when hidden requires grad, that of weight only when weight does (accumulated in fp32).
+    Extra memory, independent of B and T: one fp32 [chunk_tokens, V] chunk per worker (on CPU one
+    worker per torch thread, on CUDA one), an fp32 copy of a half weight on CPU, and an fp32
+    [V, H] accumulator per worker when weight requires grad.
+    """
+    _check_head_inputs(hidden, weight, labels, ignore_index, chunk_tokens)
+    return FusedHeadLogprobs.apply(hidden, weight, labels, ignore_index, average, chunk_tokens)
