@@ -28,14 +28,14 @@ DATASETS = {  # the paper's three sets: short name -> hub id
     "ultrafeedback": "argilla/ultrafeedback-binarized-preferences",
 }
 PAPER_ROWS = {"capybara": 7563, "orca": 12859, "ultrafeedback": 63619}  # rows on the hub cards
-FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 SFT_EPOCHS, SFT_LR = 10, 3e-3  # the tiny base's warm start: long enough to be a usable, imperfect model
 
 
-def _world_config():
+def _world_config(config: "ExperimentConfig"):
     from minidpo.tinyworld import WorldConfig
     # ~1M parameters: the 0.2M default cannot learn to copy words from the prompt in minutes.
-    return WorldConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+    return WorldConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                       total_pairs=config.world_pairs, sft_size=config.sft_size)
 
 
 @dataclass
@@ -65,11 +65,10 @@ def paper_preset() -> Preset:
     return Preset(base="teknium/OpenHermes-2.5-Mistral-7B", data=dict(DATASETS), questions="mt-bench")
 
 
-def tiny_preset(world: Path) -> Preset:
+def tiny_preset(config: "ExperimentConfig") -> Preset:
     """The tiny world, built (and its base model warm-started by SFT) on first use."""
-    from minidpo import tinyworld
-
-    paths = tiny_world(world)
+    world = Path(config.world)
+    paths = tiny_world(config)
     data = {name: f"{paths[name]}::{name}" for name in DATASETS}
     return Preset(base=str(world / "base"), data=data, questions=str(paths["questions"]),
                   beta=0.1, lora_r=16, lora_alpha=32.0, lr=2e-3, warmup_ratio=0.1, epochs=2,
@@ -77,21 +76,21 @@ def tiny_preset(world: Path) -> Preset:
                   extra={"lora_dropout": 0.0, "rpo_alpha": 1.0})
 
 
-def tiny_world(world: Path) -> dict:
+def tiny_world(config: "ExperimentConfig") -> dict:
     """Write the tiny world once, then SFT a randomly initialised tiny Mistral into its base."""
     from minidpo import tinyworld
 
-    world = Path(world)
+    world = Path(config.world)
     if not (world / "world.json").is_file():
         log(f"writing the tiny world to {world}")
-        tinyworld.write_world(world, _world_config())
+        tinyworld.write_world(world, _world_config(config))
     paths = {name: world / rel for name, rel in tinyworld.FILES.items()}
     if not (world / "base" / "config.json").is_file():
-        warm_start(world, paths)
+        warm_start(world, paths, config.sft_epochs)
     return paths
 
 
-def warm_start(world: Path, paths: dict) -> None:
+def warm_start(world: Path, paths: dict, epochs: int) -> None:
     """Random tiny Mistral -> SFT on the world's imperfect demonstrations -> `world/base`."""
     import shutil
 
@@ -105,7 +104,7 @@ def warm_start(world: Path, paths: dict) -> None:
         shutil.copy(paths["model"] / name, init / name)
     log("SFT warm start of the base model on the world's demonstrations")
     train(TrainConfig(model=str(init), data=[f"{paths['sft']}::sft"], out=str(world / "sft"), mode="sft",
-                      full=True, lr=SFT_LR, epochs=SFT_EPOCHS, batch_size=32, max_length=128, max_prompt_length=96,
+                      full=True, lr=SFT_LR, epochs=epochs, batch_size=32, max_length=128, max_prompt_length=96,
                       warmup_ratio=0.05, seed=0, save_every=100, resume=True, template="chatml"))
     shutil.copytree(world / "sft" / "final", world / "base.tmp", dirs_exist_ok=True)
     os.replace(world / "base.tmp", world / "base")
@@ -125,6 +124,11 @@ class ExperimentConfig:
     judge_model: str = "gpt-4"  # judge model name (openai) or folder (local)
     judge_base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible base URL
     workers: int = 4  # concurrent judge requests
+    fractions: str = "0.2,0.4,0.6,0.8,1.0"  # volume experiment: the nested fractions, comma-separated
+    world_pairs: int = 1500  # tiny preset: preference pairs in the world (A + B + C)
+    sft_size: int = 4000  # tiny preset: SFT demonstrations of the base's warm start
+    sft_epochs: int = SFT_EPOCHS  # tiny preset: passes of the warm start over them
+    dpo_epochs: int = 0  # passes of each DPO run over its pairs (0: the preset's)
 
     def __post_init__(self):
         if self.experiment not in ("volume", "type"):
@@ -134,6 +138,12 @@ class ExperimentConfig:
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         self.out = self.out or f"runs/{self.experiment}"
+        try:
+            self.fraction_values = tuple(float(f) for f in self.fractions.split(","))
+        except ValueError as e:
+            raise ValueError(f"--fractions must be comma-separated numbers, got {self.fractions!r}") from e
+        if not all(0 < f <= 1 for f in self.fraction_values):
+            raise ValueError(f"--fractions must lie in (0, 1], got {self.fractions!r}")
 
 
 def log(message: str) -> None:
@@ -144,7 +154,7 @@ def plan(config: ExperimentConfig) -> list[dict]:
     """The sweep's rows: [{"key", "fraction" or "dataset", "sources", "fraction_value"}]."""
     names = list(DATASETS)
     if config.experiment == "volume":
-        return [{"key": f"fraction-{f:.1f}", "fraction": f, "names": names} for f in FRACTIONS]
+        return [{"key": f"fraction-{f:g}", "fraction": f, "names": names} for f in config.fraction_values]
     return [{"key": f"dataset-{n}", "dataset": n, "names": [n]} for n in names]
 
 
@@ -285,7 +295,9 @@ def run(config: ExperimentConfig) -> list[dict]:
         preset = paper_preset() if config.preset == "paper" else None
         dry_run(config, preset.max_length if preset else 128)
         return []
-    preset = tiny_preset(Path(config.world)) if config.preset == "tiny" else paper_preset()
+    preset = tiny_preset(config) if config.preset == "tiny" else paper_preset()
+    if config.dpo_epochs:
+        preset.epochs = config.dpo_epochs
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     judge = make_judge(config, preset)
