@@ -5,7 +5,9 @@
     train(config)        data -> policy and reference -> optimizer steps -> checkpoints -> final/
     dpo_step / sft_step  forward and backward over one optimizer step's micro-batches
 
-A batch is `minidpo.data.collate`'s `[chosen; rejected]` rows, so one forward scores both answers.
+A batch is `minidpo.data.collate`'s `[chosen; rejected]` rows, so one forward scores both answers;
+with `prefix_sharing` (DPO) `minidpo.prefix.packed_collate`'s rows `prompt + chosen + rejected`, so
+each prompt is computed once (the policy pass, the reference pass and precomputed references).
 A step's loss is the mean over its pairs however they are split into `grad_accum` micro-batches:
 each micro-batch adds `sum(its per-pair losses) / pairs in the step`, so 4 micro-batches of 1 and one
 batch of 4 give the same gradient up to rounding. SFT: the NLL per chosen-reply token of the step.
@@ -57,6 +59,7 @@ from minidpo.data import IGNORE_INDEX, batches, collate, load_pairs, subset, tok
 from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
 from minidpo.lora import DEFAULT_TARGETS, apply_lora, lora_disabled, lora_layers, save_lora
 from minidpo.loss import LOSS_TYPES, dpo_loss, needs_average
+from minidpo.prefix import is_packed, packed_collate, packed_logps
 from minidpo.refcache import ReferenceCache, default_root, pair_digest, tokenizer_digest, weights_digest
 from minidpo.tokenizer import TOKENIZER_FILES, TEMPLATES, load_tokenizer
 
@@ -118,7 +121,7 @@ class TrainConfig:
     dtype: str = "auto"  # weight dtype (auto: bfloat16 for a LoRA base on CUDA, else float32)
     device: str = "auto"  # torch device (auto: cuda when available, else cpu)
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (less memory)
-    prefix_sharing: bool = False  # compute each prompt once for chosen and rejected (not available yet)
+    prefix_sharing: bool = False  # DPO: one row per pair, its prompt computed once (timings: benchmarks/RESULTS.md)
     template: str = ""  # built-in chat template to use instead of the model folder's own
     log_every: int = 1  # without a terminal, log a line every N steps
 
@@ -141,8 +144,6 @@ class TrainConfig:
         if self.full and self.reference == "adapter-off":
             raise ValueError("TrainConfig.reference='adapter-off' needs LoRA; a full fine-tune uses "
                              "'copy' or 'precomputed'")
-        if self.prefix_sharing:
-            raise ValueError("TrainConfig.prefix_sharing: not implemented yet (issue 11); leave it off")
 
     def _check_numbers(self):
         checks = {
@@ -230,13 +231,16 @@ def epoch_order(pairs: list, config: TrainConfig, epoch: int) -> list[list[int]]
 
 
 def make_batch(pairs: list, indices: list[int], pad_id: int, device, *, ref_table=None,
-               chosen_only: bool = False) -> dict:
+               chosen_only: bool = False, packed: bool = False) -> dict:
     """Collate `pairs[indices]` onto `device`: `input_ids`, `attention_mask`, `labels` [R, T] int64.
 
     R = 2b rows (chosen, then rejected), or b chosen rows cut to their own width with `chosen_only`.
-    With `ref_table` (fp32 [N, 2]) the batch carries `ref_logps` [2b]. `tokens` (non-pad tokens) and
-    `scored` (reply tokens scored) are Python ints, counted on the host.
+    `packed`: instead b rows prompt + chosen + rejected (`minidpo.prefix.packed_collate`'s keys).
+    With `ref_table` (fp32 [N, 2]) the batch carries `ref_logps` [2b]. `tokens` (non-pad tokens of
+    the 2b unshared rows, whatever the layout) and `scored` (reply tokens scored) are Python ints.
     """
+    if packed and not chosen_only:
+        return _packed_batch(pairs, indices, pad_id, device, ref_table)
     batch = collate([pairs[i] for i in indices], pad_id)
     del batch["prompt_lengths"]
     if chosen_only:
@@ -250,6 +254,25 @@ def make_batch(pairs: list, indices: list[int], pad_id: int, device, *, ref_tabl
     scored = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return {**batch, "tokens": tokens, "scored": scored}
+
+
+def _packed_batch(pairs: list, indices: list[int], pad_id: int, device, ref_table) -> dict:
+    """make_batch's packed layout. `tokens` counts the prompt twice, as the unshared rows hold it,
+    so metrics and tokens/s do not depend on the layout."""
+    selected = [pairs[i] for i in indices]
+    batch = packed_collate(selected, pad_id)
+    if ref_table is not None:
+        ref = ref_table[torch.tensor(indices)]
+        batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
+    tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in selected)
+    scored = sum(int((batch[k] != IGNORE_INDEX).sum()) for k in ("labels_chosen", "labels_rejected"))
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {**batch, "tokens": tokens, "scored": scored}
+
+
+def pair_count(batch: dict) -> int:
+    """Pairs in a DPO batch of either layout."""
+    return batch["input_ids"].shape[0] // (1 if is_packed(batch) else 2)
 
 
 def data_digest(pairs: list) -> str:
@@ -306,8 +329,11 @@ def batch_logps(model: nn.Module, batch: dict, *, average: bool = False) -> torc
 
     With a plain head (no LoRA on `lm_head`) the [R, T, V] logits are never built: the fused head
     scores the reply tokens straight from the hidden states. Labels are unshifted (position t's
-    output scores label t + 1), so both paths read shifted views in place.
+    output scores label t + 1), so both paths read shifted views in place. A packed batch (prefix
+    sharing) goes to `minidpo.prefix.packed_logps`: the same [2b], chosen then rejected.
     """
+    if is_packed(batch):
+        return packed_logps(model, batch, average=average)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:]
     if type(model.lm_head) is nn.Linear:
         with autocast(ids.device):
@@ -363,8 +389,8 @@ def precomputed_reference(config: TrainConfig, folder: Path, tokenizer, model, p
         values = []
         for s in range(0, len(chunk), micro):
             idx = chunk[s:s + micro]
-            logps = reference_logps(model, frozen, make_batch(pairs, idx, tokenizer.pad_id, device),
-                                    average=average).float().cpu()
+            batch = make_batch(pairs, idx, tokenizer.pad_id, device, packed=config.prefix_sharing)
+            logps = reference_logps(model, frozen, batch, average=average).float().cpu()
             values.append(torch.stack([logps[:len(idx)], logps[len(idx):]], dim=1))
         table[torch.tensor(chunk)] = torch.cat(values)
         cache.store([pairs[i] for i in chunk], torch.cat(values))
@@ -401,7 +427,8 @@ def chosen_nll(chosen_logps: torch.Tensor, batch: dict, average: bool) -> torch.
     if average:
         return -chosen_logps
     b = chosen_logps.shape[0]
-    tokens = (batch["labels"][:b, 1:] != -100).sum(-1).clamp(min=1)
+    labels = batch["labels_chosen"] if is_packed(batch) else batch["labels"][:b, 1:]
+    tokens = (labels != -100).sum(-1).clamp(min=1)
     return -chosen_logps / tokens
 
 
@@ -421,7 +448,7 @@ def dpo_step(model, micro_batches: list[dict], config: TrainConfig, reference=No
     gradient is that of the step's mean loss. Returns the step's means (`DPO_SUMS` keys) as 0-d
     tensors on the model's device: nothing is synced to the host here.
     """
-    n_pairs = sum(b["input_ids"].shape[0] // 2 for b in micro_batches)
+    n_pairs = sum(pair_count(b) for b in micro_batches)
     sums = 0
     for batch in micro_batches:
         out, logps = dpo_forward(model, reference, batch, config)
@@ -502,7 +529,8 @@ def evaluate(model, reference, pairs: list, config: TrainConfig, pad_id: int, de
         sums, scored = 0, 0
         for s in range(0, len(pairs), config.micro_batch_size):
             idx = list(range(s, min(len(pairs), s + config.micro_batch_size)))
-            batch = make_batch(pairs, idx, pad_id, device, ref_table=ref_table, chosen_only=config.mode == "sft")
+            batch = make_batch(pairs, idx, pad_id, device, ref_table=ref_table, chosen_only=config.mode == "sft",
+                               packed=config.prefix_sharing)
             if config.mode == "sft":
                 sums, scored = sums - batch_logps(model, batch).sum(), scored + batch["scored"]
             else:
@@ -770,7 +798,8 @@ def train(config: TrainConfig) -> dict:
             indices = state.order[position]
             start = time.perf_counter()
             micro_batches = [make_batch(train_pairs, indices[i:i + micro], tokenizer.pad_id, device,
-                                        ref_table=ref_train, chosen_only=config.mode == "sft")
+                                        ref_table=ref_train, chosen_only=config.mode == "sft",
+                                        packed=config.prefix_sharing)
                              for i in range(0, len(indices), micro)]
             metrics = step_fn(model, micro_batches, config, reference)
             try:

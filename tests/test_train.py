@@ -427,7 +427,6 @@ def test_cli_round_trip(world, tmp_path):
     (dict(eval_fraction=1.0), "eval_fraction=1.0"),
     (dict(loss="kto"), "loss='kto'"),
     (dict(full=True, reference="adapter-off"), "needs LoRA"),
-    (dict(prefix_sharing=True), "not implemented yet"),
     (dict(max_prompt_length=48), "max_prompt_length=48"),
 ])
 def test_config_validation(world, tmp_path, bad, match):

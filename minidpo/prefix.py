@@ -1,0 +1,123 @@
+"""Prefix sharing: one row per pair, `prompt + chosen + rejected`, so the prompt is computed once.
+
+    packed_collate(pairs, pad_id)      -> a packed batch of B rows (not 2B)
+    packed_attention_mask(segments, position_ids, window) -> (B, 1, Tp, Tp) bool, True = may attend
+    packed_logps(model, batch)         -> [2B] fp32, chosen rows then rejected rows, as the
+                                          unshared `minidpo.train.batch_logps` orders them
+
+Layout of row b (right padded to Tp, the longest `n + mc + mr`):
+
+    index      0 .. n-1 | n .. n+mc-1 | n+mc .. n+mc+mr-1 | pad
+    segment        0    |      1      |         2         |  -1
+    position   0 .. n-1 | n .. n+mc-1 | n    .. n+mr-1    |   0
+
+Rejected positions continue from the prompt's end, as in a row of their own. A query may attend a
+key of its own segment or of the prompt, never the other reply, causally and within Mistral's
+sliding window, both counted on positions (not indices): each token sees exactly the keys it sees
+in the unshared row, at the same RoPE positions, so its hidden state is the same. A pad sees only
+itself (a softmax over no key would be NaN); pads are never scored and never seen.
+
+Labels are TARGETS, already shifted, unlike `minidpo.data.collate`'s: `labels_chosen[b, i]` is the
+token that follows index i in the prompt + chosen sequence (-100 where none is scored), so the
+hidden state at index i scores it directly. The prompt's last index has a target in both arrays:
+it predicts the first chosen token and the first rejected token.
+"""
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
+
+IGNORE_INDEX = -100
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
+
+
+def packed_collate(pairs: Sequence, pad_id: int) -> dict:
+    """B TokenizedPairs -> `input_ids`, `position_ids`, `labels_chosen`, `labels_rejected` [B, Tp]
+    int64 and `segments` [B, Tp] int8 (0 prompt, 1 chosen, 2 rejected, -1 pad); see the module doc.
+
+    The 4-D mask is not built here: it depends on the model's sliding window, and it is cheaper to
+    build on the device (`packed_attention_mask`, called by `packed_logps`).
+    """
+    if not pairs:
+        raise ValueError("packed_collate: no pairs")
+    if pad_id is None:
+        raise ValueError("packed_collate: pad_id is None (the tokenizer has no pad token)")
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    shape = (len(pairs), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segments = torch.full(shape, PAD, dtype=torch.int8)
+    labels_chosen = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    labels_rejected = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    for b, pair in enumerate(pairs):
+        prompt, chosen, rejected = list(pair.prompt_ids), list(pair.chosen_ids), list(pair.rejected_ids)
+        n, mc, mr = len(prompt), len(chosen), len(rejected)
+        end = n + mc + mr
+        input_ids[b, :end] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+        position_ids[b, :end] = torch.cat([torch.arange(n + mc), torch.arange(n, n + mr)])
+        segments[b, n:n + mc], segments[b, n + mc:end] = CHOSEN, REJECTED
+        segments[b, :n] = PROMPT
+        # Index i scores the token after it in its own sequence; the first reply token is scored
+        # only when a prompt token precedes it (as `labels[:, 1:]` does in the unshared row).
+        own = prompt + chosen
+        start = max(n - 1, 0)
+        labels_chosen[b, start:n + mc - 1] = torch.tensor(own[start + 1:], dtype=torch.long)
+        if n and mr:
+            labels_rejected[b, n - 1] = rejected[0]
+        labels_rejected[b, n + mc:end - 1] = torch.tensor(rejected[1:], dtype=torch.long)
+    return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments,
+            "labels_chosen": labels_chosen, "labels_rejected": labels_rejected}
+
+
+def is_packed(batch: dict) -> bool:
+    """Whether `batch` is `packed_collate`'s layout (else `minidpo.data.collate`'s)."""
+    return "segments" in batch
+
+
+def packed_attention_mask(segments: torch.Tensor, position_ids: torch.Tensor,
+                          window: Optional[int]) -> torch.Tensor:
+    """segments, position_ids [B, Tp] -> (B, 1, Tp, Tp) bool, True where query i may attend key j.
+
+    i sees j when j is the prompt or i's own reply, pos(i) - window < pos(j) <= pos(i), and both
+    are real tokens; a pad sees only itself.
+    """
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]  # (B, Tp, 1), (B, 1, Tp)
+    pos_q, pos_k = position_ids[:, :, None], position_ids[:, None, :]
+    allowed = ((seg_k == PROMPT) | (seg_k == seg_q)) & (pos_k <= pos_q)
+    if window is not None:
+        allowed = allowed & (pos_k > pos_q - window)
+    allowed = allowed & (seg_q != PAD) & (seg_k != PAD)  # (B, Tp, Tp)
+    index = torch.arange(segments.shape[1], device=segments.device)
+    allowed = allowed | (index[:, None] == index[None, :])
+    return allowed[:, None]  # (B, 1, Tp, Tp)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere: the same as minidpo.train.autocast."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def packed_logps(model: nn.Module, batch: dict, *, average: bool = False) -> torch.Tensor:
+    """[2B] fp32 log-probs of the chosen then the rejected replies of a packed batch (summed, or
+    per-token means): one forward for both replies.
+
+    With a plain head the fused head scores the targets of each branch straight from the hidden
+    states (only scored indices go through the head); otherwise the logits are built once.
+    """
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    mask = packed_attention_mask(batch["segments"], positions, model.config.sliding_window)
+    targets = (batch["labels_chosen"], batch["labels_rejected"])
+    if type(model.lm_head) is nn.Linear:
+        with _autocast(ids.device):
+            hidden = model.hidden_states(ids, mask, positions)
+        dtype = torch.bfloat16 if ids.device.type == "cuda" else hidden.dtype
+        hidden, weight = hidden.to(dtype), model.head_weight().to(dtype)
+        return torch.cat([sequence_logprobs_from_hidden(hidden, weight, t, average=average) for t in targets])
+    with _autocast(ids.device):
+        logits = model(ids, mask, positions)
+    return torch.cat([sequence_logprobs(logits, t, average=average) for t in targets])
