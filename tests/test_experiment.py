@@ -65,3 +65,19 @@ def test_paper_dry_run_downloads_nothing(tmp_path):
     out = run_example("type_experiment.py", "--preset", "paper", "--dry-run", "--seeds", "2", cwd=tmp_path)
     assert "dataset-capybara" in out.stdout and "7,563" in out.stdout and "6 DPO trainings" in out.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_aggregate_over_seeds_reports_mean_and_spread():
+    from minidpo.experiment import aggregate
+
+    runs = [{"seed": s, "pairs": 50, "wins": w, "ties": 160 - w - l, "losses": l, "errors": 0,
+             "win_rate": w / 160, "adjusted_win_rate": (w + (160 - w - l) / 2) / 160,
+             "interval": {"win_rate": [0.0, 1.0]}} for s, (w, l) in enumerate([(10, 4), (20, 2), (6, 6)])]
+    row = aggregate({"fraction": 0.5}, runs)
+    rates = [10 / 160, 20 / 160, 6 / 160]
+    mean = sum(rates) / 3
+    sd = (sum((r - mean) ** 2 for r in rates) / 2) ** 0.5  # sample standard deviation
+    assert (row["wins"], row["losses"], row["seeds"]) == (36, 12, 3)
+    assert row["win_rate"] == pytest.approx(mean) and row["win_rate_std"] == pytest.approx(sd)
+    assert row["interval"] == pytest.approx([mean - 1.96 * sd / 3 ** 0.5, mean + 1.96 * sd / 3 ** 0.5])
+    assert aggregate({"dataset": "orca"}, runs[:1])["interval"] == [0.0, 1.0]
