@@ -75,3 +75,15 @@ def hf_mistral_dir(tmp_path):
     """(HF model, folder) of a tiny random Mistral with GQA and a short sliding window."""
     model = make_hf_mistral(tmp_path / "hf", sliding_window=6)
     return model, tmp_path / "hf"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second OpenMP thread only waits for the first, and on a busy 2-core machine
+    two threads made tiny matmuls ~50x slower. Files opt in with `pytestmark`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: OpenMP's second thread only adds synchronisation (badly so on a busy 2-core box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(vocab_size=97, window=None, seed=0):

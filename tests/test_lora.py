@@ -25,13 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 ALL = DEFAULT_TARGETS + ("lm_head",)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second OpenMP thread only waits for the first (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ EVAL_KEYS = {"step", "eval/loss", "eval/rewards/chosen", "eval/rewards/rejected"
              "eval/rewards/margin", "eval/logps/chosen", "eval/logps/rejected", "eval/examples"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on a busy 2-core machine two threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
