@@ -162,10 +162,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        # Repeat each key/value head for its group of query heads: (B, H, S, D).
-        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        # enable_gqa shares each key/value head with its group of query heads without copying
+        # k and v H/Hkv times per layer (same numbers as repeat_interleave).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D)
 
 
