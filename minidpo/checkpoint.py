@@ -178,11 +178,15 @@ def _write_json(path: Path, obj):
     os.replace(tmp, path)
 
 
-def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB"):
-    """Write `config.json` and safetensors (sharded past `max_shard_size`) that transformers loads."""
+def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB", *, state_dict=None):
+    """Write `config.json` and safetensors (sharded past `max_shard_size`) that transformers loads.
+
+    `state_dict`: the tensors to write instead of `model.state_dict()` (e.g. gathered from FSDP shards);
+    `model` then gives only the config."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else dict(state_dict)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     limit, shards, current, size = _parse_size(max_shard_size), [], {}, 0

@@ -12,6 +12,11 @@ A step's loss is the mean over its pairs however they are split into `grad_accum
 each micro-batch adds `sum(its per-pair losses) / pairs in the step`, so 4 micro-batches of 1 and one
 batch of 4 give the same gradient up to rounding. SFT: the NLL per chosen-reply token of the step.
 
+Under `torchrun` every process runs `train`: `batch_size` stays the global pairs per step, each rank
+takes its share of every micro-batch, gradients are reduced once per step (DDP for LoRA, FSDP2 for
+full fine-tunes, through `Scorer`) and metrics are summed over the ranks, so the run equals a
+one-process run with the same flags; rank 0 logs and writes (see minidpo.distributed).
+
 The reference (DPO): `adapter-off` is the LoRA model itself under `lora_disabled`, no_grad and eval
 mode (so no dropout; no second copy of the weights); `copy` a frozen copy of the starting weights
 (full fine-tunes); `precomputed` one no_grad pass before training, cached per pair on disk
@@ -54,8 +59,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minidpo import distributed
 from minidpo.checkpoint import download_folder, load_model, save_model
 from minidpo.data import IGNORE_INDEX, batches, collate, load_pairs, subset, tokenize_pairs
+from minidpo.distributed import Dist, grad_sync, share
 from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
 from minidpo.lora import DEFAULT_TARGETS, apply_lora, lora_disabled, lora_layers, save_lora
 from minidpo.loss import LOSS_TYPES, dpo_loss, needs_average
@@ -72,8 +79,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"mode": MODES, "loss": LOSS_TYPES, "schedule": SCHEDULES, "reference": REFERENCES,
            "dtype": DTYPES, "template": ("",) + tuple(TEMPLATES)}
 # Fields a resumed run may change: they do not change what is computed.
-RESUMABLE_CHANGES = ("resume", "save_every", "keep_checkpoints", "log_every", "eval_every", "device")
+RESUMABLE_CHANGES = ("resume", "save_every", "keep_checkpoints", "log_every", "eval_every", "device",
+                     "dist_timeout")
 REF_FLUSH_PAIRS = 4096  # precomputed references are written to the cache this many pairs at a time
+ONE = Dist()  # a one-process run
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,6 +133,7 @@ class TrainConfig:
     prefix_sharing: bool = False  # DPO: one row per pair, its prompt computed once (timings: benchmarks/RESULTS.md)
     template: str = ""  # built-in chat template to use instead of the model folder's own
     log_every: int = 1  # without a terminal, log a line every N steps
+    dist_timeout: float = 1800.0  # torchrun: seconds a collective waits for the other processes before the job ends
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):
@@ -159,6 +169,7 @@ class TrainConfig:
             "fraction": 0 < self.fraction <= 1, "eval_fraction": 0 <= self.eval_fraction < 1,
             "eval_every": self.eval_every >= 0, "save_every": self.save_every >= 0,
             "keep_checkpoints": self.keep_checkpoints >= 1, "log_every": self.log_every >= 1,
+            "dist_timeout": 0 < self.dist_timeout < math.inf,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -275,6 +286,26 @@ def pair_count(batch: dict) -> int:
     return batch["input_ids"].shape[0] // (1 if is_packed(batch) else 2)
 
 
+def step_batches(pairs: list, indices: list[int], config: TrainConfig, pad_id: int, device, ref_table=None,
+                 d: Dist = ONE) -> list[dict]:
+    """One optimizer step's micro-batches on this rank: the global batch `indices` cut into micro-batches
+    of `micro_batch_size` pairs as one process would, each shared among the ranks (`distributed.share`).
+    Each carries its `weight` (0 for a stand-in pair on a rank left without one)."""
+    out = []
+    for i in range(0, len(indices), config.micro_batch_size):
+        mine, weight = share(indices[i:i + config.micro_batch_size], d)
+        batch = make_batch(pairs, mine, pad_id, device, ref_table=ref_table, chosen_only=config.mode == "sft",
+                           packed=config.prefix_sharing)
+        out.append({**batch, "weight": weight})
+    return out
+
+
+def step_total(micro_batches: list[dict], key: str, d: Dist) -> float:
+    """The step's pairs (`key="pairs"`) or scored tokens (`"scored"`) over every rank's micro-batches."""
+    local = sum(b.get("weight", 1.0) * (pair_count(b) if key == "pairs" else b[key]) for b in micro_batches)
+    return float(d.all_sum(torch.tensor(float(local), dtype=torch.float64)))
+
+
 def data_digest(pairs: list) -> str:
     """Identifies the training pairs and their order, so a resume on other data is refused."""
     h = hashlib.blake2b(digest_size=16)
@@ -285,12 +316,6 @@ def data_digest(pairs: list) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # The policy, the reference and per-sequence log-probs.
-
-def resolve_device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
 
 def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The weights' dtype. A frozen LoRA base on CUDA is bf16; trained weights stay fp32 (AdamW)."""
@@ -324,6 +349,25 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+class Scorer(nn.Module):
+    """The policy as DDP and FSDP2 need it: `forward(batch, average)` is `batch_logps` of the inner
+    model, so every use of the weights (hidden states and the fused head) happens inside `forward`,
+    the method both wrappers hook."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, average: bool = False) -> torch.Tensor:
+        return batch_logps(self.model, batch, average=average)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Mistral inside a DDP or FSDP2 wrapped Scorer (the model itself otherwise)."""
+    model = getattr(model, "module", model)  # DDP
+    return model.model if isinstance(model, Scorer) else model
+
+
 def batch_logps(model: nn.Module, batch: dict, *, average: bool = False) -> torch.Tensor:
     """[R] fp32: log-prob of each row's reply under `model` (summed, or per-token mean).
 
@@ -332,6 +376,8 @@ def batch_logps(model: nn.Module, batch: dict, *, average: bool = False) -> torc
     output scores label t + 1), so both paths read shifted views in place. A packed batch (prefix
     sharing) goes to `minidpo.prefix.packed_logps`: the same [2b], chosen then rejected.
     """
+    if isinstance(model, Scorer) or distributed.is_wrapped(model):
+        return model(batch, average=average)
     if is_packed(batch):
         return packed_logps(model, batch, average=average)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:]
@@ -367,11 +413,13 @@ def reference_logps(model: nn.Module, reference: Optional[nn.Module], batch: dic
 
 
 def precomputed_reference(config: TrainConfig, folder: Path, tokenizer, model, pairs: list,
-                          device, dtype) -> tuple[torch.Tensor, int]:
+                          device, dtype, d: Dist = ONE) -> tuple[torch.Tensor, int]:
     """-> (fp32 [N, 2] reference log-probs of `pairs`: chosen, rejected; how many were computed).
 
     Looks every pair up in the on-disk cache (see minidpo.refcache) and computes only the missing
     ones, with the starting weights (adapters off for LoRA), shortest pairs first to pad little.
+    Several processes split each micro-batch, sum their parts of the table (every pair is computed
+    by one rank) and rank 0 writes the cache.
     """
     average = needs_average(config.loss)
     key = {"weights": weights_digest(folder), "tokenizer": tokenizer_digest(folder, tokenizer.chat_template),
@@ -381,19 +429,23 @@ def precomputed_reference(config: TrainConfig, folder: Path, tokenizer, model, p
     table, missing = cache.lookup(pairs)
     logger.info("reference: %d of %d pairs cached in %s, %d to compute", len(pairs) - len(missing),
                 len(pairs), cache.folder, len(missing))
-    frozen = None if lora_layers(model) else model
+    frozen = None if lora_layers(unwrap(model)) else model
     order = sorted(missing, key=lambda i: pairs[i].length)
     micro = config.micro_batch_size
     for start in range(0, len(order), REF_FLUSH_PAIRS):
         chunk = order[start:start + REF_FLUSH_PAIRS]
-        values = []
+        values = torch.zeros(len(chunk), 2)
         for s in range(0, len(chunk), micro):
-            idx = chunk[s:s + micro]
-            batch = make_batch(pairs, idx, tokenizer.pad_id, device, packed=config.prefix_sharing)
+            mine, weight = share(list(range(s, min(s + micro, len(chunk)))), d)
+            batch = make_batch(pairs, [chunk[j] for j in mine], tokenizer.pad_id, device,
+                               packed=config.prefix_sharing)
             logps = reference_logps(model, frozen, batch, average=average).float().cpu()
-            values.append(torch.stack([logps[:len(idx)], logps[len(idx):]], dim=1))
-        table[torch.tensor(chunk)] = torch.cat(values)
-        cache.store([pairs[i] for i in chunk], torch.cat(values))
+            if weight:
+                values[mine] = torch.stack([logps[:len(mine)], logps[len(mine):]], dim=1)
+        values = d.all_sum(values)
+        table[torch.tensor(chunk)] = values
+        if d.main:
+            cache.store([pairs[i] for i in chunk], values)
     return table, len(missing)
 
 
@@ -441,42 +493,53 @@ def dpo_sums(out, logps: torch.Tensor) -> torch.Tensor:
                         logps[:b].sum(), logps[b:].sum()])
 
 
-def dpo_step(model, micro_batches: list[dict], config: TrainConfig, reference=None) -> dict:
+def dpo_step(model, micro_batches: list[dict], config: TrainConfig, reference=None, d: Dist = ONE) -> dict:
     """Forward and backward over one optimizer step's micro-batches; gradients add up in `.grad`.
 
-    Each micro-batch's loss is `sum(per-pair losses) / pairs in the step`, so the accumulated
-    gradient is that of the step's mean loss. Returns the step's means (`DPO_SUMS` keys) as 0-d
-    tensors on the model's device: nothing is synced to the host here.
+    Each micro-batch's loss is `sum(per-pair losses) / pairs in the step` (pairs of every rank), so
+    the accumulated gradient is that of the step's mean loss; with several ranks it is multiplied by
+    their number, which DDP and FSDP2 divide by when they average. Gradients are reduced on the last
+    micro-batch only. Returns this rank's share of the step's means (`DPO_SUMS` keys; summed over the
+    ranks by `optimizer_step`) as 0-d tensors on the model's device: nothing is synced to the host.
     """
-    n_pairs = sum(pair_count(b) for b in micro_batches)
+    n_pairs = step_total(micro_batches, "pairs", d)
     sums = 0
-    for batch in micro_batches:
-        out, logps = dpo_forward(model, reference, batch, config)
-        (out.losses.sum() / n_pairs).backward()
-        sums = sums + dpo_sums(out, logps)
+    for i, batch in enumerate(micro_batches):
+        weight = batch.get("weight", 1.0)
+        with grad_sync(model, last=i == len(micro_batches) - 1):
+            out, logps = dpo_forward(model, reference, batch, config)
+            (out.losses.sum() * (weight * d.world) / n_pairs).backward()
+        sums = sums + dpo_sums(out, logps) * weight
     return dict(zip(DPO_SUMS, sums / n_pairs))
 
 
-def sft_step(model, micro_batches: list[dict], config: TrainConfig, reference=None) -> dict:
-    """Forward and backward of one SFT step on chosen rows: the NLL per reply token of the step."""
-    n_tokens = sum(b["scored"] for b in micro_batches)
+def sft_step(model, micro_batches: list[dict], config: TrainConfig, reference=None, d: Dist = ONE) -> dict:
+    """Forward and backward of one SFT step on chosen rows: the NLL per reply token of the step
+    (tokens of every rank; gradients scaled and reduced as in `dpo_step`)."""
+    n_tokens = step_total(micro_batches, "scored", d)
     total = 0
-    for batch in micro_batches:
-        loss = -batch_logps(model, batch).sum() / n_tokens
-        loss.backward()
+    for i, batch in enumerate(micro_batches):
+        with grad_sync(model, last=i == len(micro_batches) - 1):
+            loss = -batch_logps(model, batch).sum() * batch.get("weight", 1.0) / n_tokens
+            (loss * d.world).backward()
         total = total + loss.detach()
     return {"loss": total}
 
 
-def optimizer_step(params: list, optimizer, scheduler, metrics: dict, config: TrainConfig, step: int) -> dict:
-    """Clip, sync the step's metrics to the host once, refuse non-finite values, update.
+def optimizer_step(params: list, optimizer, scheduler, metrics: dict, config: TrainConfig, step: int,
+                   d: Dist = ONE, extra: Optional[dict] = None) -> dict:
+    """Clip, sum the step's metrics (and the numbers in `extra`) over the ranks, sync them to the host
+    once, refuse non-finite values, update.
 
-    -> the metrics as floats plus `grad_norm` (before clipping) and `lr` (the one just used).
-    Raises FloatingPointError naming `step` before the weights are touched.
+    -> the metrics and `extra` as floats plus `grad_norm` (before clipping) and `lr` (the one just
+    used). Raises FloatingPointError naming `step` before the weights are touched.
     """
-    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-    names = [*metrics, "grad_norm"]
-    values = dict(zip(names, torch.stack([*(v.float() for v in metrics.values()), norm.float()]).tolist()))
+    norm = distributed.local_norm(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+    extra = extra or {}
+    local = torch.cat([torch.stack([v.double() for v in metrics.values()]),
+                       torch.tensor(list(extra.values()), dtype=torch.float64, device=norm.device)])
+    summed = torch.cat([d.all_sum(local), norm.double().reshape(1)]).tolist()
+    values = dict(zip([*metrics, *extra, "grad_norm"], summed))
     if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"step {step}: loss {values['loss']}, grad_norm {values['grad_norm']} "
@@ -520,25 +583,28 @@ def build_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
 # Evaluation.
 
 @torch.no_grad()
-def evaluate(model, reference, pairs: list, config: TrainConfig, pad_id: int, device, ref_table=None) -> dict:
+def evaluate(model, reference, pairs: list, config: TrainConfig, pad_id: int, device, ref_table=None,
+             d: Dist = ONE) -> dict:
     """Means over held-out pairs in eval mode: DPO `eval/loss`, `eval/rewards/...`, `eval/logps/...`;
-    SFT `eval/loss` (NLL per chosen-reply token). Plus `eval/examples`."""
+    SFT `eval/loss` (NLL per chosen-reply token). Plus `eval/examples`. Ranks split the pairs."""
     was_training = model.training
     model.eval()
     try:
-        sums, scored = 0, 0
+        sums = 0
         for s in range(0, len(pairs), config.micro_batch_size):
-            idx = list(range(s, min(len(pairs), s + config.micro_batch_size)))
+            idx, weight = share(list(range(s, min(len(pairs), s + config.micro_batch_size))), d)
             batch = make_batch(pairs, idx, pad_id, device, ref_table=ref_table, chosen_only=config.mode == "sft",
                                packed=config.prefix_sharing)
-            if config.mode == "sft":
-                sums, scored = sums - batch_logps(model, batch).sum(), scored + batch["scored"]
+            if config.mode == "sft":  # [NLL, scored tokens]
+                nll = -batch_logps(model, batch).sum().double()
+                sums = sums + torch.stack([nll, nll.new_tensor(float(batch["scored"]))]) * weight
             else:
-                sums = sums + dpo_sums(*dpo_forward(model, reference, batch, config))
+                sums = sums + dpo_sums(*dpo_forward(model, reference, batch, config)) * weight
     finally:
         model.train(was_training)
+    sums = d.all_sum(sums)
     if config.mode == "sft":
-        return {"eval/loss": float(sums) / scored, "eval/examples": len(pairs)}
+        return {"eval/loss": float(sums[0] / sums[1]), "eval/examples": len(pairs)}
     values = dict(zip(DPO_SUMS, (sums / len(pairs)).tolist()))
     values["rewards/margin"] = values["rewards/chosen"] - values["rewards/rejected"]
     return {**{f"eval/{k}": v for k, v in values.items()}, "eval/examples": len(pairs)}
@@ -557,6 +623,7 @@ class TrainState:
     order_epoch: int = -1  # the epoch `order` belongs to
     order: list = field(default_factory=list)  # that epoch's batches, lists of indices into the pairs
     data_digest: str = ""  # the training pairs the indices refer to
+    world_size: int = 1  # processes of the run (a resume must use as many)
 
 
 def rng_state() -> dict:
@@ -582,22 +649,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
-    """Write OUT/checkpoints/step-N/ through a temporary folder and a rename; keep the newest `keep`."""
+def is_sharded(model) -> bool:
+    """FSDP2: the weights and optimizer states are split across the ranks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int, d: Dist = ONE) -> Path:
+    """Write OUT/checkpoints/step-N/ through a temporary folder and a rename; keep the newest `keep`.
+
+    Rank 0 writes the trainable weights (`trainable.safetensors`), the optimizer, scheduler and every
+    rank's RNG states (`training_state.pt`) and `state.json`; under FSDP2 every rank writes its shards
+    of the weights and optimizer states into `sharded/` (torch.distributed.checkpoint) instead.
+    """
     root = out / "checkpoints"
     final = root / f"step-{state.step}"
     tmp = root / f"step-{state.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state)) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    if is_sharded(model):
+        distributed.save_sharded(tmp / "sharded", model, optimizer)
+    rngs = d.gather_objects(rng_state())
+    if d.main:
+        if not is_sharded(model):
+            trainable = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters()
+                         if p.requires_grad}
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": None if is_sharded(model) else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state)) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
     return final
 
 
@@ -608,50 +696,70 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, digest: str) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, digest: str, d: Dist = ONE) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG states from `path`; -> its TrainState."""
     state = TrainState(**json.loads((path / "state.json").read_text()))
     if state.data_digest != digest:
         raise ValueError(f"{path} was written for other training data (or another --fraction, "
                          f"--seed, --max-length...); resume with the run's own settings")
-    params = dict(model.named_parameters())
-    weights = load_file(str(path / "trainable.safetensors"))
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(weights) != expected:
-        raise ValueError(f"{path}/trainable.safetensors holds {sorted(set(weights) ^ expected)[:4]} "
-                         f"that do not match the model's trainable parameters")
-    with torch.no_grad():
-        for name, t in weights.items():
-            params[name].copy_(t)
+    if state.world_size != d.world:
+        raise ValueError(f"{path} was written by a run of {state.world_size} processes; resume it with "
+                         f"as many (torchrun --nproc_per_node ...), not {d.world}")
     saved = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(saved["optimizer"])
+    if is_sharded(model):
+        distributed.load_sharded(path / "sharded", model, optimizer)
+    else:
+        load_trainable(path / "trainable.safetensors", unwrap(model))
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"])
+    rngs = saved["rng"]  # one state per rank (a single dict in checkpoints of older versions)
+    set_rng_state(rngs[d.rank] if isinstance(rngs, list) else rngs)
     logger.info("resumed from %s (step %d)", path, state.step)
     return state
 
 
-def save_final(out: Path, model, config: TrainConfig, folder: Path) -> Path:
-    """OUT/final/: a PEFT adapter for LoRA runs, an HF model folder (with the tokenizer) for full ones."""
+def load_trainable(file: Path, model) -> None:
+    """Copy a checkpoint's `trainable.safetensors` into the model's trainable parameters."""
+    params = dict(model.named_parameters())
+    weights = load_file(str(file))
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(f"{file} holds {sorted(set(weights) ^ expected)[:4]} "
+                         f"that do not match the model's trainable parameters")
+    with torch.no_grad():
+        for name, t in weights.items():
+            params[name].copy_(t)
+
+
+def save_final(out: Path, model, config: TrainConfig, folder: Path, d: Dist = ONE) -> Path:
+    """OUT/final/: a PEFT adapter for LoRA runs, an HF model folder (with the tokenizer) for full ones.
+    Written by rank 0; under FSDP2 the shards are gathered to it first."""
     tmp, final = out / "final.tmp", out / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora_layers(model):
-        save_lora(model, tmp, base_model_name_or_path=config.model)
-    else:
-        save_model(model, tmp)
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file():
-                shutil.copy(folder / name, tmp / name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    gathered = None
+    if is_sharded(model):  # Scorer's keys start with "model."
+        gathered = {k.removeprefix("model."): v for k, v in distributed.full_state_dict(model).items()}
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        net = unwrap(model)
+        if lora_layers(net):
+            save_lora(net, tmp, base_model_name_or_path=config.model)
+        else:
+            save_model(net, tmp, state_dict=gathered)
+            for name in TOKENIZER_FILES:
+                if (folder / name).is_file():
+                    shutil.copy(folder / name, tmp / name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    d.barrier()
     return final
 
 
 # ---------------------------------------------------------------------------------------------------
 # The output folder, progress and signals.
 
-def prepare_out(config: TrainConfig) -> Path:
-    """Create OUT and write config.json; a resumed run must keep the settings that change results."""
+def prepare_out(config: TrainConfig, write: bool = True) -> Path:
+    """Create OUT and write config.json (only when `write`: rank 0); a resumed run must keep the
+    settings that change results (every rank checks, so all of them refuse together)."""
     out = Path(config.out)
     file = out / "config.json"
     if config.resume and file.is_file():
@@ -664,6 +772,8 @@ def prepare_out(config: TrainConfig) -> Path:
                              f"or use a new --out")
     elif not config.resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if not write:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "config.json.tmp"
     tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -691,10 +801,10 @@ def append_metrics(path: Path, record: dict) -> None:
 class Progress:
     """A tqdm bar (loss, reward accuracy, tokens/s) on a terminal; log lines every N steps otherwise."""
 
-    def __init__(self, total: int, done: int, log_every: int):
-        self.total, self.log_every = total, log_every
+    def __init__(self, total: int, done: int, log_every: int, show: bool = True):
+        self.total, self.log_every, self.show = total, log_every, show
         self.bar = None
-        if sys.stderr.isatty():
+        if show and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
@@ -706,7 +816,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
-        elif record["step"] % self.log_every == 0 or record["step"] == self.total:
+        elif self.show and (record["step"] % self.log_every == 0 or record["step"] == self.total):
             logger.info("step %d/%d %s lr %.3g", record["step"], self.total,
                         " ".join(f"{k} {v}" for k, v in shown.items()), record["lr"])
 
@@ -759,37 +869,66 @@ def train(config: TrainConfig) -> dict:
     SIGINT/SIGTERM: the current step finishes, a checkpoint is written, and the summary comes back
     with status "interrupted" (and `signal`). A non-finite loss or gradient norm raises
     FloatingPointError naming the step; the newest checkpoint is the last good state.
+    Under torchrun every process runs this (see minidpo.distributed): each takes its share of every
+    global batch, rank 0 logs and writes, and the results equal a one-process run's.
     """
-    out = prepare_out(config)
-    device = resolve_device(config)
-    dtype = resolve_dtype(config, device)
+    d = distributed.init(config.device, config.dist_timeout)
+    try:
+        return _train(config, d)
+    finally:
+        distributed.close(d)
+
+
+def fetch_model(name: str, d: Dist) -> Path:
+    """`download_folder` on rank 0 first; the other ranks then find it in the hub cache."""
+    if not d.main:
+        d.barrier()
+    folder = download_folder(name)
+    if d.main:
+        d.barrier()
+    return folder
+
+
+def _train(config: TrainConfig, d: Dist) -> dict:
+    if config.micro_batch_size % d.world:
+        raise ValueError(f"--batch-size {config.batch_size} / --grad-accum {config.grad_accum} = "
+                         f"{config.micro_batch_size} pairs per micro-batch cannot be shared by {d.world} "
+                         f"processes: make it a multiple of {d.world}")
+    out = prepare_out(config, write=d.main)
+    d.barrier()
+    device, dtype = d.device, resolve_dtype(config, d.device)
     seed_everything(config.seed)
-    folder = download_folder(config.model)
+    folder = fetch_model(config.model, d)
     tokenizer = load_tokenizer(folder, template=config.template or None)
     train_pairs, eval_pairs = prepare_data(config, tokenizer)
     model, reference = build_models(config, folder, device, dtype)
+    if d.world > 1:
+        model = distributed.wrap(Scorer(model), d, full=config.full)
+        if reference is not None and config.full:  # as big as the policy: shard it too
+            reference = distributed.shard(Scorer(reference))
+        seed_everything(config.seed + 7919 * d.rank)  # each rank its own dropout masks
     ref_train = ref_eval = None
     computed = 0
     if reference_mode(config) == "precomputed":
         table, computed = precomputed_reference(config, folder, tokenizer, model, train_pairs + eval_pairs,
-                                                device, dtype)
+                                                device, dtype, d)
         ref_train, ref_eval = table[:len(train_pairs)], table[len(train_pairs):]
     steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
     total = config.max_steps or config.epochs * steps_per_epoch
-    optimizer, scheduler = build_optimizer(model, config, total)
+    optimizer, scheduler = build_optimizer(unwrap(model), config, total)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = TrainState(data_digest=data_digest(train_pairs))
+    state = TrainState(data_digest=data_digest(train_pairs), world_size=d.world)
     found = checkpoints(out) if config.resume else []
     if found:
-        state = load_checkpoint(found[-1], model, optimizer, scheduler, state.data_digest)
+        state = load_checkpoint(found[-1], model, optimizer, scheduler, state.data_digest, d)
     metrics_file = out / "metrics.jsonl"
-    truncate_metrics(metrics_file, state.step)
+    if d.main:
+        truncate_metrics(metrics_file, state.step)
     last_checkpoint = found[-1] if found else None
     step_fn = dpo_step if config.mode == "dpo" else sft_step
-    micro = config.micro_batch_size
     summary = {"status": "finished", "out": str(out), "reference_computed": computed,
                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
-    progress = Progress(total, state.step, config.log_every)
+    progress = Progress(total, state.step, config.log_every, show=d.main)
     with StopSignals() as stop:
         while state.step < total:
             epoch, position = divmod(state.step, steps_per_epoch)
@@ -797,38 +936,41 @@ def train(config: TrainConfig) -> dict:
                 state.order_epoch, state.order = epoch, epoch_order(train_pairs, config, epoch)
             indices = state.order[position]
             start = time.perf_counter()
-            micro_batches = [make_batch(train_pairs, indices[i:i + micro], tokenizer.pad_id, device,
-                                        ref_table=ref_train, chosen_only=config.mode == "sft",
-                                        packed=config.prefix_sharing)
-                             for i in range(0, len(indices), micro)]
-            metrics = step_fn(model, micro_batches, config, reference)
+            micro_batches = step_batches(train_pairs, indices, config, tokenizer.pad_id, device, ref_train, d)
+            metrics = step_fn(model, micro_batches, config, reference, d)
+            extra = {"tokens": sum(b["tokens"] * b["weight"] for b in micro_batches),
+                     "stop": float(stop.received is not None)}
             try:
-                values = optimizer_step(params, optimizer, scheduler, metrics, config, state.step + 1)
+                values = optimizer_step(params, optimizer, scheduler, metrics, config, state.step + 1, d, extra)
             except FloatingPointError as e:
                 progress.close()
                 raise FloatingPointError(f"{e}. Stopped; the last good checkpoint is "
                                          f"{last_checkpoint or 'none (no checkpoint was written)'}") from e
-            step_tokens = sum(b["tokens"] for b in micro_batches)
+            step_tokens, stopped = round(values.pop("tokens")), values.pop("stop") > 0
             state.step, state.examples = state.step + 1, state.examples + len(indices)
             state.tokens += step_tokens
             record = step_record(state, values, steps_per_epoch, time.perf_counter() - start)
-            append_metrics(metrics_file, record)
+            if d.main:
+                append_metrics(metrics_file, record)
             progress.update(record, step_tokens)
             if eval_pairs and (state.step == total or (config.eval_every and state.step % config.eval_every == 0)):
-                results = evaluate(model, reference, eval_pairs, config, tokenizer.pad_id, device, ref_eval)
-                append_metrics(metrics_file, {"step": state.step, **results})
+                results = evaluate(model, reference, eval_pairs, config, tokenizer.pad_id, device, ref_eval, d)
+                if d.main:
+                    append_metrics(metrics_file, {"step": state.step, **results})
                 logger.info("eval at step %d: %s", state.step, json.dumps(results))
-            if stop.received or (config.save_every and state.step % config.save_every == 0):
-                last_checkpoint = save_checkpoint(out, model, optimizer, scheduler, state, config.keep_checkpoints)
-            if stop.received and state.step < total:
+            if stopped or (config.save_every and state.step % config.save_every == 0):
+                last_checkpoint = save_checkpoint(out, model, optimizer, scheduler, state,
+                                                  config.keep_checkpoints, d)
+            if stopped and state.step < total:
                 progress.close()
+                signum = stop.received or signal.SIGTERM  # another rank may have received it
                 logger.warning("stopped by %s after step %d; checkpoint %s. Resume with:\n  %s",
-                               signal.Signals(stop.received).name, state.step, last_checkpoint,
+                               signal.Signals(signum).name, state.step, last_checkpoint,
                                resume_command(config))
-                return {**summary, "status": "interrupted", "signal": stop.received, "steps": state.step,
+                return {**summary, "status": "interrupted", "signal": signum, "steps": state.step,
                         "checkpoint": str(last_checkpoint), "final": None}
     progress.close()
-    final = save_final(out, model, config, folder)
+    final = save_final(out, model, config, folder, d)
     logger.info("done: %d steps, %s", state.step, final)
     return {**summary, "steps": state.step, "final": str(final),
             "checkpoint": str(last_checkpoint) if last_checkpoint else None}
@@ -928,12 +1070,29 @@ def resume_command(config: TrainConfig) -> str:
 
 def cli(argv=None, command: str = "train") -> int:
     """`python -m minidpo train|sft ...`: 0 when done, 1 on an error, 128 + signal when stopped."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if not logging.getLogger().handlers:  # under torchrun only rank 0 logs progress
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_config(argv, command)
+    where = f" (rank {rank} of {world})" if world > 1 else ""
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"minidpo {command}: error: {e}", file=sys.stderr)
+        print(f"minidpo {command}{where}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not is_collective_failure(e, world):
+            raise
+        print(f"minidpo {command}{where}: error: a collective with the other processes failed: another "
+              f"process died or hung (collectives wait --dist-timeout {config.dist_timeout:g} s): {e}",
+              file=sys.stderr)
         return 1
     return 0 if summary["status"] == "finished" else 128 + summary["signal"]
+
+
+def is_collective_failure(error: RuntimeError, world: int) -> bool:
+    """A peer died or a collective outwaited its timeout (gloo raises plain RuntimeErrors for both)."""
+    text = str(error)
+    return world > 1 and (isinstance(error, torch.distributed.DistError) or "gloo" in text
+                          or "NCCL" in text or "Timed out" in text or "Connection closed" in text)
