@@ -119,16 +119,49 @@ def test_micro_batch_must_split_evenly_across_processes(world, tmp_path):
         T._train(config, Dist(world=2))
 
 
-def test_lora_ddp_matches_one_process(world, tmp_path):
-    config = make_config(world, tmp_path / "one", eval_fraction=0.2)
+def test_lora_ddp_killed_and_resumed_matches_one_process(world, tmp_path):
+    config = make_config(world, tmp_path / "one", eval_fraction=0.2, save_every=1)
     T.train(config)
     two = dataclasses.replace(config, out=str(tmp_path / "two"))
-    check_ran(torchrun(two))
+    assert torchrun(two, script=world / "fault.py", env={"FAULT": "crash"}).returncode != 0
+    step2 = Path(two.out) / "checkpoints" / "step-2"
+    assert (step2 / "trainable.safetensors").is_file() and not (step2 / "sharded").exists()
+    check_ran(torchrun(dataclasses.replace(two, resume=True)))
     assert_same_records(records(config.out), records(two.out))
     evals = [r for r in records(two.out) if "eval/loss" in r]
     assert evals and evals[-1]["eval/examples"] == 2
     adapter = "final/adapter_model.safetensors"
     assert_same_tensors(load_file(f"{config.out}/{adapter}"), load_file(f"{two.out}/{adapter}"))
+
+
+def test_gradients_are_reduced_once_per_step_not_per_micro_batch(world, tmp_path):
+    """DDP's buckets are all-reduced on the step's last micro-batch only (a one-process group here;
+    the hook counts the reductions DDP launches)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = make_config(world, tmp_path / "out", grad_accum=4)
+        tokenizer = T.load_tokenizer(world / "model")
+        pairs, _ = T.prepare_data(config, tokenizer)
+        net, _ = T.build_models(config, world / "model", torch.device("cpu"), torch.float32)
+        model = T.distributed.wrap(T.Scorer(net), Dist(world=2), full=False)
+        reductions = []
+
+        def count(state, bucket):
+            reductions.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        model.register_comm_hook(None, count)
+        batches = T.step_batches(pairs, [0, 1, 2, 3], config, tokenizer.pad_id, "cpu", d=Dist(world=1))
+        assert len(batches) == 4
+        T.dpo_step(model, batches, config)
+        assert reductions and len(reductions) == len(set(reductions))  # each bucket once
+        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sft_matches_one_process(world, tmp_path):
