@@ -52,6 +52,14 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def from_main(self, obj):
+        """Rank 0's `obj` on every rank (pickled; what the other ranks pass is ignored)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather_objects(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] on every rank (pickled; small objects only)."""
         if self.world == 1:

@@ -426,7 +426,8 @@ def precomputed_reference(config: TrainConfig, folder: Path, tokenizer, model, p
            "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
            "average": average, "dtype": str(dtype), "device": device.type}
     cache = ReferenceCache(config.ref_cache_dir or default_root(), key)
-    table, missing = cache.lookup(pairs)
+    # Rank 0's cache decides what every rank computes (node-local caches may differ).
+    table, missing = d.from_main(cache.lookup(pairs) if d.main else None)
     logger.info("reference: %d of %d pairs cached in %s, %d to compute", len(pairs) - len(missing),
                 len(pairs), cache.folder, len(missing))
     frozen = None if lora_layers(unwrap(model)) else model
