@@ -3,11 +3,15 @@
 RMSNorm (computed in fp32), rotate-half RoPE, grouped-query attention through
 `scaled_dot_product_attention`, sliding-window attention as Mistral defines it (query i sees
 key j when i - window < j <= i, counted in sequence indices), a SwiGLU MLP, a tied or untied head,
-a KV cache for generation and optional activation checkpointing.
+a KV cache for generation and optional activation checkpointing. Packed rows (prefix sharing) pass
+a ready mask: a boolean tensor for SDPA, or a FlexAttention `BlockMask`, which skips fully masked
+blocks (compiled on CUDA; eager, exact and slow, elsewhere).
 """
 import dataclasses
+import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -164,8 +169,27 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         # enable_gqa shares each key/value head with its group of query heads without copying
         # k and v H/Hkv times per layer (same numbers as repeat_interleave).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, D)
+        gqa = self.n_heads != self.n_kv
+        if isinstance(mask, BlockMask):
+            y = flex(q, k, v, mask, gqa)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q, k, v, block_mask: BlockMask, gqa: bool):
+    """FlexAttention: compiled on CUDA (a fused kernel that skips masked blocks); eager on CPU, which
+    is exact but slow (tests only: SDPA with a boolean mask is the CPU path)."""
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    with warnings.catch_warnings():  # "called without torch.compile()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -237,15 +261,16 @@ class Mistral(nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None):
         """Final-normed hidden states (B, T, H). With a cache, `attention_mask` covers cached + new tokens.
 
-        `attention_mask` is (B, S) with 1 for real tokens, or a ready boolean (B, 1, T, S) mask
-        (True = may attend) for packed layouts; the latter needs `position_ids` and is used as is,
-        so it must already encode causality and the sliding window.
+        `attention_mask` is (B, S) with 1 for real tokens, or for packed layouts a ready boolean
+        (B, 1, T, S) mask (True = may attend) or a FlexAttention BlockMask; those need `position_ids`
+        and are used as they are, so they must already encode causality and the sliding window.
         """
         B, T = input_ids.shape
-        if attention_mask is not None and attention_mask.dim() == 4:
+        if isinstance(attention_mask, BlockMask) or (attention_mask is not None and attention_mask.dim() == 4):
             if position_ids is None or cache is not None:
                 raise ValueError("a 4-D attention_mask needs position_ids and no KV cache")
-            return self._run_layers(self.model.embed_tokens(input_ids), position_ids, attention_mask.bool(), None)
+            ready = attention_mask if isinstance(attention_mask, BlockMask) else attention_mask.bool()
+            return self._run_layers(self.model.embed_tokens(input_ids), position_ids, ready, None)
         past = cache.length if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
