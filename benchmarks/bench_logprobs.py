@@ -14,7 +14,9 @@ triton backend; triton on CUDA only) and fused_head (sequence_logprobs_from_hidd
 compare each provider with its group's first one.
 Labels: the first --prompt-frac of each sequence is ignore_index (a DPO prompt), the rest random.
 
-Method. Time: all providers in one fresh subprocess; each gets --warmup untimed runs
+Method. Threads: every provider runs with the same torch.get_num_threads() (--threads; default
+torch's own, one per core), and the table header says how many, with the load average before the
+run. Time: all providers in one fresh subprocess; each gets --warmup untimed runs
 (torch.compile compiles there), then --repeats rounds in which every provider runs once, so a
 change in the machine's load between rounds hits all alike. A run is a forward (building the
 graph) and a backward (upstream gradient: random per sequence), each timed on its own (CUDA:
@@ -133,6 +135,7 @@ def time_worker(names, args):
     """Time all providers in this process, interleaved: round r runs each provider once, so a
     change in the machine's load between rounds hits every provider alike. -> {name: dict}."""
     device = torch.device(args.device)
+    _set_threads(args)
     inputs = {g: make_inputs(args, g, device) for g in {PROVIDERS[n] for n in names}}
     fwds, results = {}, {}
     for name in names:
@@ -186,6 +189,7 @@ def extra_peak(run, inputs, device):
 def memory_worker(name, args):
     """Extra peak memory of one provider, alone in this process (see the docstring)."""
     device = torch.device(args.device)
+    _set_threads(args)
     inputs = make_inputs(args, PROVIDERS[name], device)
     fwd = make_forward(name, args)
 
@@ -199,6 +203,19 @@ def memory_worker(name, args):
     fwd_bwd()  # warm up (compiles, first-call allocations)
     return {"peak_fwd_bwd": extra_peak(fwd_bwd, inputs, device),
             "peak_fwd": extra_peak(fwd_only, inputs, device)}
+
+
+def _set_threads(args):
+    """The same intra-op thread count for every provider (each worker process sets it first)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _load_average():
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _device_name(device):
@@ -246,7 +263,7 @@ def measure_all(names, args):
 def _forward_flags(args):
     flags = []
     for key in ("B", "T", "V", "H", "dtype", "device", "repeats", "warmup", "prompt_frac",
-                "chunk_tokens"):
+                "chunk_tokens", "threads"):
         flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return flags + (["--train-head"] if args.train_head else [])
 
@@ -275,8 +292,10 @@ def _bandwidth(r, args):
 
 def print_table(results, args):
     """Markdown table: times, ratio to the group's first provider, extra peak memory, bandwidth."""
+    threads = args.threads or torch.get_num_threads()
     print(f"\nB={args.B} T={args.T} V={args.V} H={args.H} {args.dtype}, prompt {args.prompt_frac:.0%} "
-          f"ignored, {args.repeats} runs; times in ms: median [min-max]; memory: extra peak MiB\n")
+          f"ignored, {args.repeats} runs, {threads} threads for every provider; times in ms: median "
+          f"[min-max]; memory: extra peak MiB; load average before the run: {args.load}\n")
     print("| device | provider | forward | backward | total | speed-up | peak fwd (no_grad) "
           "| peak fwd+bwd | memory ratio | GB/s fwd (roofline) | GB/s total (roofline) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -347,6 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompt-frac", type=float, default=0.25)
     p.add_argument("--chunk-tokens", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every provider (0: torch's default)")
     p.add_argument("--train-head", action="store_true", help="the head weight also gets a gradient")
     p.add_argument("--providers", default=None, help="comma separated; default: all that apply")
     p.add_argument("--quick", action="store_true",
@@ -372,6 +393,7 @@ def main(argv=None):
     if args.worker == "memory":
         print("RESULT " + json.dumps(memory_worker(names[0], args)))
         return
+    args.load = _load_average()
     results = measure_all(names, args)
     print_table(results, args)
     check_goals(results, args)

@@ -8,9 +8,9 @@
 
 Backends: "triton" (minidpo.kernels.logprobs: one fused pass each way; CUDA, or CPU under
 TRITON_INTERPRET=1), "torch" (below: only scored rows, in chunks that are views of the logits,
-through an fp32 scratch chunk per thread of at most 4 MiB and 1/16 of the logits; beyond the
-gradient itself those and a few numbers per token are all the extra memory; backward recomputes
-the softmax),
+each through torch's fused row-wise log_softmax (forward) or softmax (backward, recomputed) into an
+fp32 scratch chunk per thread of at most 1 MiB and 1/16 of the logits, or straight into an fp32
+gradient; beyond the gradient itself those and a few numbers per token are all the extra memory),
 "auto" (triton for CUDA tensors when it imports, torch otherwise). On CPU the torch path and the
 fused head share their chunks out to torch.get_num_threads() Python threads running single-threaded
 ops (see _run_chunks).
@@ -22,6 +22,7 @@ ops (see _run_chunks).
 import importlib
 import importlib.util
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -30,9 +31,11 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows per torch-path chunk: at most CHUNK_ELEMENTS fp32 (4 MiB: the fastest on a 2-core EPYC,
-# 32 MiB L3, among 1-16 MiB) and at most 1/CHUNK_FRACTION of the rows.
-CHUNK_ELEMENTS = 1 << 20
+# Rows per torch-path chunk: at most CHUNK_ELEMENTS fp32 and at most 1/CHUNK_FRACTION of the rows.
+# 1 MiB (8 rows of 32000), the L2 of each core of the 2-core EPYC it was measured on, so the
+# chunk-wide passes after the row-wise fused kernels stay in L2: 8-16 rows measured fastest of
+# 4-128, 32 rows ~5-10% slower, 4 rows slower again (per-op overhead).
+CHUNK_ELEMENTS = 1 << 18
 CHUNK_FRACTION = 16
 # Tokens per fused-head chunk: [512, 32000] fp32 is 64 MiB, and 512 rows keep a GEMM efficient.
 DEFAULT_CHUNK_TOKENS = 512
@@ -166,7 +169,9 @@ def _as_rows(logits):
 
 
 class _Chunk(NamedTuple):
-    """Up to _chunk_rows(logits) scored tokens, processed together."""
+    """Up to _chunk_rows(logits) scored tokens, processed together: the scored tokens s .. s+n-1
+    in row-major order (so per-token results are slices of [N] arrays, not scatters)."""
+    s: int                     # index of the first one among all scored tokens
     b: torch.Tensor            # [n] sequence of each token
     t: torch.Tensor            # [n] position of each token
     x: Optional[torch.Tensor]  # [n, V] view of their logits rows, or None: gather logits[b, t]
@@ -188,22 +193,21 @@ def _runs(p, n):
     return pieces
 
 
-def _chunks(logits, labels, ignore_index):
-    """The scored tokens as _Chunks: runs of consecutive logits rows (views, no copy) when the
-    strides allow it, else plain slices of the token list to gather."""
+def _chunks(logits, b, t):
+    """The scored tokens (b, t) as _Chunks: runs of consecutive logits rows (views, no copy) when
+    the strides allow it, else plain slices of the token list to gather."""
     B, T, V = logits.shape
-    b, t = _scored_positions(labels, ignore_index)
     if b.numel() == 0:
         return []
     n, view = _chunk_rows(logits), _as_rows(logits)
     if view is None:
-        return [_Chunk(b[s:s + n], t[s:s + n], None, None) for s in range(0, b.numel(), n)]
+        return [_Chunk(s, b[s:s + n], t[s:s + n], None, None) for s in range(0, b.numel(), n)]
     rows, k = view
     p = (b * k + t).tolist()
     chunks = []
     for s, c in _runs(p, n):
         b0, t0 = divmod(p[s], k)  # a run never crosses a sequence unless k == T
-        chunks.append(_Chunk(b[s:s + c], t[s:s + c], rows[p[s]:p[s] + c], b0 * T + t0))
+        chunks.append(_Chunk(s, b[s:s + c], t[s:s + c], rows[p[s]:p[s] + c], b0 * T + t0))
     return chunks
 
 
@@ -228,13 +232,17 @@ def _scratch(logits, chunks):
     return torch.empty(rows, logits.shape[2], device=logits.device, dtype=torch.float32)
 
 
-def _run_chunks(work, chunks, device, make_state=lambda: None):
+def _run_chunks(work, chunks, device, make_state=lambda: None, shared=False):
     """Call work(chunk, state) for every chunk; -> the states made, one per thread used.
 
     On CPU with several intra-op threads, the chunks are shared out to that many Python threads
     whose ops run single-threaded (torch releases the GIL inside ops), each with its own state
     (scratch buffer, gradient accumulator). The alternative, every small op of every chunk a
     parallel region of its own, stalls badly (5x measured) when the cores are shared.
+    shared=False: thread i does chunks i, i + threads, ... (a fixed split, so per-thread
+    accumulators add up in the same order every run). shared=True: each thread takes the next
+    chunk nobody has taken, so a thread whose core another process is using does fewer; only for
+    work whose result does not depend on which thread does a chunk.
     """
     threads = min(torch.get_num_threads(), len(chunks))
     if device.type != "cpu" or threads <= 1:
@@ -242,11 +250,23 @@ def _run_chunks(work, chunks, device, make_state=lambda: None):
         for c in chunks:
             work(c, state)
         return [state]
+    queue, lock = iter(chunks), threading.Lock()
+
+    def next_chunks(i):
+        if not shared:
+            yield from chunks[i::threads]
+            return
+        while True:
+            with lock:
+                c = next(queue, None)
+            if c is None:
+                return
+            yield c
 
     def worker(i):
         with torch.no_grad():  # grad mode is per thread; the chunks build no graph
             state = make_state()
-            for c in chunks[i::threads]:
+            for c in next_chunks(i):
                 work(c, state)
             return state
 
@@ -260,49 +280,69 @@ def _run_chunks(work, chunks, device, make_state=lambda: None):
 
 
 def torch_token_logprobs(logits, labels, ignore_index):
-    """logits [B, T, V], labels [B, T] -> (token log-probs [B, T] fp32, 0 where ignored; lse [B, T])."""
-    B, T, V = logits.shape
-    labels = labels.long()
-    token = torch.zeros(B, T, device=logits.device, dtype=torch.float32)
-    lse = torch.zeros_like(token)
+    """logits [B, T, V], labels [B, T] -> (b [N], t [N], token log-probs [N] fp32) for the N
+    scored tokens (labels != ignore_index), in row-major order.
+
+    Each chunk goes through torch's fused log_softmax (max, sum of exp, write: one row at a time,
+    so the row stays in cache) into the fp32 scratch chunk; the label's entry is picked from it.
+    """
+    b, t = _scored_positions(labels, ignore_index)
+    y = labels[b, t].long()
+    token = torch.empty(b.numel(), device=logits.device, dtype=torch.float32)
 
     def work(c, buf):
-        x = c.x if c.x is not None else logits[c.b, c.t]
-        x_y = x.gather(1, labels[c.b, c.t][:, None]).squeeze(1).float()
-        lse_c = _row_lse(x, buf)
-        token[c.b, c.t], lse[c.b, c.t] = x_y - lse_c, lse_c
+        x, n = (c.x if c.x is not None else logits[c.b, c.t]), c.b.numel()
+        logp = torch.log_softmax(x, 1, dtype=torch.float32, out=buf[:n])
+        torch.gather(logp, 1, y[c.s:c.s + n, None], out=token[c.s:c.s + n, None])
 
-    chunks = _chunks(logits, labels, ignore_index)
-    _run_chunks(work, chunks, logits.device, lambda: _scratch(logits, chunks))
-    return token, lse
+    chunks = _chunks(logits, b, t)
+    _run_chunks(work, chunks, logits.device, lambda: _scratch(logits, chunks), shared=True)
+    return b, t, token
 
 
-def torch_token_grad(logits, labels, lse, gscale, ignore_index):
-    """d(sum_b gscale[b] * sum_t logp[b, t]) / d logits: [B, T, V] contiguous in the logits' dtype.
+def _unscored_rows(B, T, b, t, n):
+    """-> ranges of at most n consecutive rows of a [B * T, V] gradient with no scored token."""
+    unscored = torch.ones(B * T, dtype=torch.bool)
+    unscored[(b * T + t).cpu()] = False
+    rows = unscored.nonzero().squeeze(1).tolist()
+    return [range(rows[s], rows[s] + c) for s, c in _runs(rows, n)]
 
-    Each row is written once: zeros for ignored tokens; g (onehot - softmax) for the others, straight
-    into the gradient for fp32 runs of consecutive rows, else through the fp32 scratch chunk.
+
+def torch_token_grad(logits, labels, b, t, g):
+    """d(sum_i g[i] * logp_i) / d logits for the scored tokens (b, t) with weights g [N] (from
+    torch_token_logprobs): [B, T, V] contiguous in the logits' dtype.
+
+    Each row is written once, by the chunk threads: zeros for unscored tokens; g (onehot - softmax)
+    for the others, the softmax recomputed by torch's fused kernel (row by row, like the forward),
+    straight into the gradient for fp32 runs of consecutive rows, else through the fp32 scratch
+    chunk.
     """
     B, T, V = logits.shape
-    labels, scored, gscale = labels.long(), labels != ignore_index, gscale.float()
+    y = labels[b, t].long()
     grad = torch.empty(B * T, V, device=logits.device, dtype=logits.dtype)
-    grad.index_fill_(0, (~scored).flatten().nonzero().squeeze(1), 0.0)
 
     def work(c, buf):
+        if isinstance(c, range):
+            grad[c.start:c.stop].zero_()
+            return
         n, x = c.b.numel(), (c.x if c.x is not None else logits[c.b, c.t])
         target = grad[c.grad_row:c.grad_row + n] if c.grad_row is not None else None
         out = target if target is not None and grad.dtype == torch.float32 else buf[:n]
-        g = gscale[c.b]
-        _exp_shifted(x, lse[c.b, c.t][:, None], out).mul_(-g[:, None])
-        out[torch.arange(n, device=out.device), labels[c.b, c.t]] += g
+        # CPU softmax has no half-to-fp32 variant: half chunks are widened into the scratch first.
+        src = x if x.dtype == torch.float32 else out.copy_(x)
+        g_c = g[c.s:c.s + n, None]
+        torch._softmax(src, 1, False, out=out).mul_(-g_c)  # the private op: public softmax has no out=
+        out.scatter_add_(1, y[c.s:c.s + n, None], g_c)  # + g at the label: g (onehot - p)
         if target is None:
             grad.index_copy_(0, c.b * T + c.t, out.to(grad.dtype))
         elif out is not target:
             target.copy_(out)
 
-    chunks = _chunks(logits, labels, ignore_index)
+    chunks = _chunks(logits, b, t)
     direct = grad.dtype == torch.float32 and all(c.grad_row is not None for c in chunks)
-    _run_chunks(work, chunks, logits.device, lambda: None if direct else _scratch(logits, chunks))
+    zeros = _unscored_rows(B, T, b, t, _chunk_rows(logits))
+    _run_chunks(work, zeros + chunks, logits.device,
+                lambda: None if direct else _scratch(logits, chunks), shared=True)
     return grad.view(B, T, V)
 
 
@@ -320,21 +360,24 @@ def _scored_positions(labels, ignore_index):
 
 
 class ChunkedSequenceLogprobs(torch.autograd.Function):
-    """The torch path: saves the logits (a reference) and one fp32 lse per token."""
+    """The torch path: saves the logits (a reference) and (b, t) per scored token."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, average):
-        token, lse = torch_token_logprobs(logits, labels, ignore_index)
+        b, t, token = torch_token_logprobs(logits, labels, ignore_index)
         scale = sequence_scale(labels, ignore_index, average)
-        ctx.save_for_backward(logits, labels, lse, scale)
-        ctx.ignore_index = ignore_index
-        return token.sum(1) * scale
+        # Per-sequence sums in float64: index_add_ adds in token order, and T fp32 additions in a
+        # row would lose up to T * 6e-8 relative.
+        out = torch.zeros(labels.shape[0], device=logits.device, dtype=torch.float64)
+        out.index_add_(0, b, token.double())
+        ctx.save_for_backward(logits, labels, b, t, scale)
+        return out.float() * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, labels, lse, scale = ctx.saved_tensors
-        grad = torch_token_grad(logits, labels, lse, grad_out.float() * scale, ctx.ignore_index)
-        return grad, None, None, None
+        logits, labels, b, t, scale = ctx.saved_tensors
+        g = (grad_out.float() * scale)[b]
+        return torch_token_grad(logits, labels, b, t, g), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,11 +477,11 @@ class FusedHeadLogprobs(torch.autograd.Function):
         b, t = _scored_positions(labels, ignore_index)
         token, lse = _fused_forward(hidden, weight, labels, b, t, chunk_tokens)
         scale = sequence_scale(labels, ignore_index, average)
-        out = torch.zeros(labels.shape[0], device=hidden.device, dtype=torch.float32)
-        out.index_add_(0, b, token)
+        out = torch.zeros(labels.shape[0], device=hidden.device, dtype=torch.float64)
+        out.index_add_(0, b, token.double())  # float64 sums, as the torch path's
         ctx.save_for_backward(hidden, weight, labels, b, t, lse, scale)
         ctx.chunk_tokens = chunk_tokens
-        return out * scale
+        return out.float() * scale
 
     @staticmethod
     def backward(ctx, grad_out):

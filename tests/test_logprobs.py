@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,19 @@ def test_torch_backend_matches_float64_reference(case):
     assert not reports, "\n".join(reports)
 
 
+TORCH_LARGE_CASES = [  # torch path only: the Triton interpreter would take minutes on these
+    Case("fp32_vocab_32000_x50", B=2, T=24, V=32000, scale=50.0, layout="shifted"),
+    Case("bf16_vocab_32000_average", B=2, T=24, V=32000, dtype="bf16", average=True),
+]
+
+
+@pytest.mark.parametrize("case", TORCH_LARGE_CASES, ids=lambda c: c.name)
+def test_torch_backend_large_vocabulary_matches_float64_reference(case):
+    """A full-size vocabulary: fp32 sums over 32000 entries per row, extreme logits."""
+    reports = check_case(case, run_torch)
+    assert not reports, "\n".join(reports)
+
+
 def test_torch_backend_chunks_across_rows(monkeypatch):
     """Chunks smaller than a sequence, and rows split across chunk borders, still add up."""
     monkeypatch.setattr(lp, "CHUNK_ELEMENTS", 3 * 1000)  # 3 rows per chunk, T=7
@@ -194,10 +208,12 @@ def test_torch_path_reads_rows_in_place(layout, monkeypatch):
     case = Case("rows", B=3, T=6, V=40, layout=layout)
     base, labels, _ = make_inputs(case)
     logits = _view(base.detach(), layout, case.V)
-    chunks = lp._chunks(logits, labels.long(), case.ignore_index)
+    chunks = lp._chunks(logits, *lp._scored_positions(labels, case.ignore_index))
     seen = [(int(b), int(t)) for c in chunks for b, t in zip(c.b, c.t)]
     assert seen == [tuple(p) for p in (labels != case.ignore_index).nonzero().tolist()]
     assert max(c.b.numel() for c in chunks) == 3
+    starts = [sum(c.b.numel() for c in chunks[:i]) for i in range(len(chunks))]
+    assert [c.s for c in chunks] == starts  # c.s: index of the chunk's first token among all scored
     for c in chunks:
         assert c.x is not None and 1 <= c.x.shape[0] <= 3
         assert c.x.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
@@ -227,6 +243,58 @@ def test_torch_path_threads_give_identical_results():
         finally:
             torch.set_num_threads(before)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "token_major"])
+def test_torch_path_writes_every_gradient_row(dtype, layout, monkeypatch):
+    """Fresh buffers full of NaN (as reused memory may be): the gradient must still match, so
+    every row, unscored ones (zeros, written by the chunk threads) included, is written."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", 2 * 300)  # several chunks and zero runs per thread
+    monkeypatch.setattr(lp, "CHUNK_FRACTION", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the chunk threads, which also write the zero rows
+    try:
+        case = Case(f"poisoned_{dtype}_{layout}", B=3, T=9, V=300, dtype=dtype, layout=layout,
+                    masked_row=True)
+        reports = check_case(case, run_torch)
+    finally:
+        torch.set_num_threads(before)
+    assert not reports, "\n".join(reports)
+
+
+def test_unscored_rows_cover_exactly_the_rows_without_a_scored_token():
+    labels = torch.tensor([[5, -100, -100, 7], [-100, -100, -100, -100], [1, 2, -100, 3]])
+    b, t = lp._scored_positions(labels, -100)
+    ranges = lp._unscored_rows(3, 4, b, t, n=3)
+    assert ranges == [range(1, 3), range(4, 7), range(7, 8), range(10, 11)]
+
+
+def test_shared_chunk_queue_runs_every_chunk_once_on_each_thread_count():
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            done, lock = [], threading.Lock()
+
+            def work(c, state):
+                with lock:
+                    done.append(c)
+                state.append(c)
+
+            states = lp._run_chunks(work, list(range(50)), torch.device("cpu"), list, shared=True)
+            assert sorted(done) == list(range(50)) and len(states) == threads
+            assert sorted(c for s in states for c in s) == list(range(50))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_auto_backend_on_cpu_is_the_torch_path():
@@ -558,8 +626,8 @@ def test_extra_memory_is_a_small_fraction_of_the_logits():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Forward: one 4 MiB chunk plus per-token scalars. Forward + backward: the gradient itself
-    # (1x the logits) plus the same. The fused head: [64, 16000] fp32 chunks (4 MiB each).
+    # Forward: one 1 MiB chunk per thread plus per-token scalars. Forward + backward: the gradient
+    # itself (1x the logits) plus the same. The fused head: [64, 16000] fp32 chunks (4 MiB each).
     assert m["torch_fwd"] < 0.25 * m["logits"], m
     assert m["torch_fwd_bwd"] < 1.25 * m["logits"], m
     assert m["head"] < 0.25 * m["head_logits"], m
