@@ -172,6 +172,8 @@ class Attention(nn.Module):
         gqa = self.n_heads != self.n_kv
         if isinstance(mask, BlockMask):
             y = flex(q, k, v, mask, gqa)  # (B, H, T, D)
+        elif callable(mask):  # a packed layout's own exact attention (minidpo.prefix.PackedAttention)
+            y = mask(q, k, v, enable_gqa=gqa)  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D)
@@ -262,14 +264,17 @@ class Mistral(nn.Module):
         """Final-normed hidden states (B, T, H). With a cache, `attention_mask` covers cached + new tokens.
 
         `attention_mask` is (B, S) with 1 for real tokens, or for packed layouts a ready boolean
-        (B, 1, T, S) mask (True = may attend) or a FlexAttention BlockMask; those need `position_ids`
-        and are used as they are, so they must already encode causality and the sliding window.
+        (B, 1, T, S) mask (True = may attend), a FlexAttention BlockMask, or a callable
+        `(q, k, v, enable_gqa=) -> y` used in place of SDPA (`minidpo.prefix.PackedAttention`);
+        those need `position_ids` and are used as they are, so they must already encode causality
+        and the sliding window.
         """
         B, T = input_ids.shape
-        if isinstance(attention_mask, BlockMask) or (attention_mask is not None and attention_mask.dim() == 4):
+        ready = isinstance(attention_mask, BlockMask) or callable(attention_mask)
+        if ready or (attention_mask is not None and attention_mask.dim() == 4):
             if position_ids is None or cache is not None:
                 raise ValueError("a 4-D attention_mask needs position_ids and no KV cache")
-            ready = attention_mask if isinstance(attention_mask, BlockMask) else attention_mask.bool()
+            ready = attention_mask if ready else attention_mask.bool()
             return self._run_layers(self.model.embed_tokens(input_ids), position_ids, ready, None)
         past = cache.length if cache is not None else 0
         if attention_mask is None:

@@ -77,7 +77,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("auto", "adapter-off", "copy", "precomputed")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"mode": MODES, "loss": LOSS_TYPES, "schedule": SCHEDULES, "reference": REFERENCES,
-           "dtype": DTYPES, "template": ("",) + tuple(TEMPLATES)}
+           "dtype": DTYPES, "template": ("",) + tuple(TEMPLATES), "prefix_attention": ("sdpa", "flex")}
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE_CHANGES = ("resume", "save_every", "keep_checkpoints", "log_every", "eval_every", "device",
                      "dist_timeout")
@@ -130,7 +130,8 @@ class TrainConfig:
     dtype: str = "auto"  # weight dtype (auto: bfloat16 for a LoRA base on CUDA, else float32)
     device: str = "auto"  # torch device (auto: cuda when available, else cpu)
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (less memory)
-    prefix_sharing: bool = False  # DPO: one row per pair, its prompt computed once (timings: benchmarks/RESULTS.md)
+    prefix_sharing: bool = True  # DPO: one row per pair, its prompt computed once (timings: benchmarks/RESULTS.md)
+    prefix_attention: str = "sdpa"  # packed rows' attention: sdpa, or flex (FlexAttention; CUDA only, unmeasured)
     template: str = ""  # built-in chat template to use instead of the model folder's own
     log_every: int = 1  # without a terminal, log a line every N steps
     dist_timeout: float = 1800.0  # torchrun: seconds a collective waits for the other processes before the job ends
@@ -242,16 +243,17 @@ def epoch_order(pairs: list, config: TrainConfig, epoch: int) -> list[list[int]]
 
 
 def make_batch(pairs: list, indices: list[int], pad_id: int, device, *, ref_table=None,
-               chosen_only: bool = False, packed: bool = False) -> dict:
+               chosen_only: bool = False, packed: bool = False, attention: str = "sdpa") -> dict:
     """Collate `pairs[indices]` onto `device`: `input_ids`, `attention_mask`, `labels` [R, T] int64.
 
     R = 2b rows (chosen, then rejected), or b chosen rows cut to their own width with `chosen_only`.
-    `packed`: instead b rows prompt + chosen + rejected (`minidpo.prefix.packed_collate`'s keys).
+    `packed`: instead b rows prompt + chosen + rejected (`minidpo.prefix.packed_collate`'s keys),
+    with `attention` (the packed rows' attention, see `minidpo.prefix.packed_logps`).
     With `ref_table` (fp32 [N, 2]) the batch carries `ref_logps` [2b]. `tokens` (non-pad tokens of
     the 2b unshared rows, whatever the layout) and `scored` (reply tokens scored) are Python ints.
     """
     if packed and not chosen_only:
-        return _packed_batch(pairs, indices, pad_id, device, ref_table)
+        return {**_packed_batch(pairs, indices, pad_id, device, ref_table), "attention": attention}
     batch = collate([pairs[i] for i in indices], pad_id)
     del batch["prompt_lengths"]
     if chosen_only:
@@ -295,7 +297,7 @@ def step_batches(pairs: list, indices: list[int], config: TrainConfig, pad_id: i
     for i in range(0, len(indices), config.micro_batch_size):
         mine, weight = share(indices[i:i + config.micro_batch_size], d)
         batch = make_batch(pairs, mine, pad_id, device, ref_table=ref_table, chosen_only=config.mode == "sft",
-                           packed=config.prefix_sharing)
+                           packed=config.prefix_sharing, attention=config.prefix_attention)
         out.append({**batch, "weight": weight})
     return out
 
@@ -439,7 +441,7 @@ def precomputed_reference(config: TrainConfig, folder: Path, tokenizer, model, p
         for s in range(0, len(chunk), micro):
             mine, weight = share(list(range(s, min(s + micro, len(chunk)))), d)
             batch = make_batch(pairs, [chunk[j] for j in mine], tokenizer.pad_id, device,
-                               packed=config.prefix_sharing)
+                               packed=config.prefix_sharing, attention=config.prefix_attention)
             logps = reference_logps(model, frozen, batch, average=average).float().cpu()
             if weight:
                 values[mine] = torch.stack([logps[:len(mine)], logps[len(mine):]], dim=1)
@@ -595,7 +597,7 @@ def evaluate(model, reference, pairs: list, config: TrainConfig, pad_id: int, de
         for s in range(0, len(pairs), config.micro_batch_size):
             idx, weight = share(list(range(s, min(len(pairs), s + config.micro_batch_size))), d)
             batch = make_batch(pairs, idx, pad_id, device, ref_table=ref_table, chosen_only=config.mode == "sft",
-                               packed=config.prefix_sharing)
+                               packed=config.prefix_sharing, attention=config.prefix_attention)
             if config.mode == "sft":  # [NLL, scored tokens]
                 nll = -batch_logps(model, batch).sum().double()
                 sums = sums + torch.stack([nll, nll.new_tensor(float(batch["scored"]))]) * weight
@@ -891,6 +893,9 @@ def fetch_model(name: str, d: Dist) -> Path:
 
 
 def _train(config: TrainConfig, d: Dist) -> dict:
+    if config.prefix_sharing and config.prefix_attention == "flex" and d.device.type != "cuda":
+        raise ValueError("--prefix-attention flex needs CUDA (FlexAttention has no backward on CPU); "
+                         "use sdpa")
     if config.micro_batch_size % d.world:
         raise ValueError(f"--batch-size {config.batch_size} / --grad-accum {config.grad_accum} = "
                          f"{config.micro_batch_size} pairs per micro-batch cannot be shared by {d.world} "

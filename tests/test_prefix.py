@@ -12,7 +12,8 @@ from conftest import make_hf_mistral, write_tokenizer_folder
 from minidpo import load_model
 from minidpo.data import TokenizedPair
 from minidpo.lora import apply_lora, lora_layers
-from minidpo.prefix import PAD, packed_attention_mask, packed_collate, packed_logps
+from minidpo.prefix import (PAD, PackedAttention, packed_attention, packed_attention_mask, packed_collate,
+                            packed_logps)
 
 T = importlib.import_module("minidpo.train")
 VOCAB = 128
@@ -133,6 +134,56 @@ def test_packed_logps_directly_with_a_different_model_window(tmp_path):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_attention_equals_sdpa_with_the_dense_mask(seed):
+    # The two-piece attention against SDPA with the dense packed mask, on random q, k, v with
+    # grouped heads: outputs and the gradients of q, k, v at every real (non-pad) query.
+    shapes = SHAPES + [(2, 0, 5), (9, 4, 0)]  # a pair without a chosen, one without a rejected
+    batch = packed_collate(random_pairs(seed, shapes), PAD_ID)
+    segments, positions = batch["segments"], batch["position_ids"]
+    B, width = segments.shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, width, 8, generator=gen, requires_grad=True) for h in (4, 2, 2))
+    real = (segments != PAD)[:, None, :, None].float()  # (B, 1, Tp, 1)
+    weights = torch.randn(B, 4, width, 8, generator=gen) * real
+
+    def outputs_and_grads(attention):
+        y = attention(q, k, v)
+        q.grad = k.grad = v.grad = None
+        (y * weights).sum().backward()
+        return y.detach() * real, [t.grad.clone() for t in (q, k, v)]
+
+    dense_mask = packed_attention_mask(segments, positions, None)
+    ref = outputs_and_grads(lambda *x: torch.nn.functional.scaled_dot_product_attention(
+        *x, attn_mask=dense_mask, enable_gqa=True))
+    got = outputs_and_grads(lambda *x: PackedAttention(segments)(*x, enable_gqa=True))
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for name, g, r in zip("qkv", got[1], ref[1]):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_packed_attention_falls_back_to_the_dense_mask_when_the_window_binds():
+    batch = packed_collate(random_pairs(2, SHAPES), PAD_ID)
+    segments, positions = batch["segments"], batch["position_ids"]
+    longest = int(positions.max())  # the farthest two tokens of a row are this many positions apart
+    assert isinstance(packed_attention(segments, positions, None), PackedAttention)
+    assert isinstance(packed_attention(segments, positions, longest + 1), PackedAttention)
+    dense = packed_attention(segments, positions, longest)
+    assert torch.equal(dense, packed_attention_mask(segments, positions, longest))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_flex_block_mask_gives_the_same_logps(tmp_path, window):
+    # FlexAttention runs eagerly on CPU and has no backward there: forward only (CUDA trains with it).
+    model = model_for(tmp_path, window)
+    pairs = random_pairs(3, SHAPES)
+    batch = T.make_batch(pairs, list(range(len(pairs))), PAD_ID, "cpu", packed=True)
+    with torch.no_grad():
+        ref = packed_logps(model, batch)
+        got = packed_logps(model, {**batch, "attention": "flex"})
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="no pairs"):
         packed_collate([], PAD_ID)
@@ -173,3 +224,10 @@ def test_train_metrics_equal_with_and_without_prefix_sharing(world, tmp_path, ov
         for key, value in plain.items():
             if key != "step_time_s":
                 assert shared[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (plain["step"], key)
+
+
+def test_flex_attention_is_refused_without_cuda(world, tmp_path):
+    config = T.TrainConfig(model=str(world / "model"), data=[str(world / "pairs.jsonl")], out=str(tmp_path / "o"),
+                           prefix_attention="flex", device="cpu")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        T.train(config)
