@@ -10,7 +10,6 @@ blocks (compiled on CUDA; eager, exact and slow, elsewhere).
 import dataclasses
 import functools
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
