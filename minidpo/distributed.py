@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -123,8 +124,6 @@ def wrap(module: nn.Module, d: Dist, *, full: bool) -> nn.Module:
         return module
     if full:
         return shard(module)
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [d.device.index] if d.device.type == "cuda" else None
     # The frozen base has no gradients: only the adapters are bucketed and all-reduced.
     return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False,
@@ -146,22 +145,23 @@ def _decoder_layers(module: nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, DecoderLayer)]
 
 
-def is_wrapped(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    from torch.nn.parallel import DistributedDataParallel
+def is_sharded(module: nn.Module) -> bool:
+    """FSDP2-wrapped: weights and optimizer states are split across the ranks."""
+    from torch.distributed.fsdp import FSDPModule  # about a second to import: only when asked
 
-    return isinstance(module, (DistributedDataParallel, FSDPModule))
+    return isinstance(module, FSDPModule)
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    return isinstance(module, DistributedDataParallel) or is_sharded(module)
 
 
 def grad_sync(module: nn.Module, last: bool):
     """Context for one micro-batch's backward: gradients are reduced across ranks only when `last`
     (the step's last micro-batch); before that they accumulate locally."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.nn.parallel import DistributedDataParallel
-
     if isinstance(module, DistributedDataParallel) and not last:
         return module.no_sync()
-    if isinstance(module, FSDPModule):
+    if is_sharded(module):
         module.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
 

@@ -378,7 +378,7 @@ def batch_logps(model: nn.Module, batch: dict, *, average: bool = False) -> torc
     output scores label t + 1), so both paths read shifted views in place. A packed batch (prefix
     sharing) goes to `minidpo.prefix.packed_logps`: the same [2b], chosen then rejected.
     """
-    if isinstance(model, Scorer) or distributed.is_wrapped(model):
+    if distributed.is_wrapped(model):
         return model(batch, average=average)
     if is_packed(batch):
         return packed_logps(model, batch, average=average)
@@ -652,13 +652,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def is_sharded(model) -> bool:
-    """FSDP2: the weights and optimizer states are split across the ranks."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int, d: Dist = ONE) -> Path:
     """Write OUT/checkpoints/step-N/ through a temporary folder and a rename; keep the newest `keep`.
 
@@ -669,19 +662,20 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, k
     root = out / "checkpoints"
     final = root / f"step-{state.step}"
     tmp = root / f"step-{state.step}.tmp"
+    sharded = distributed.is_sharded(model)
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
-    if is_sharded(model):
+    if sharded:
         distributed.save_sharded(tmp / "sharded", model, optimizer)
     rngs = d.gather_objects(rng_state())
     if d.main:
-        if not is_sharded(model):
+        if not sharded:
             trainable = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters()
                          if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": None if is_sharded(model) else optimizer.state_dict(),
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state)) + "\n")
         shutil.rmtree(final, ignore_errors=True)
@@ -709,7 +703,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, digest: str, d: Dis
         raise ValueError(f"{path} was written by a run of {state.world_size} processes; resume it with "
                          f"as many (torchrun --nproc_per_node ...), not {d.world}")
     saved = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
-    if is_sharded(model):
+    if distributed.is_sharded(model):
         distributed.load_sharded(path / "sharded", model, optimizer)
     else:
         load_trainable(path / "trainable.safetensors", unwrap(model))
@@ -739,7 +733,7 @@ def save_final(out: Path, model, config: TrainConfig, folder: Path, d: Dist = ON
     Written by rank 0; under FSDP2 the shards are gathered to it first."""
     tmp, final = out / "final.tmp", out / "final"
     gathered = None
-    if is_sharded(model):  # Scorer's keys start with "model."
+    if distributed.is_sharded(model):  # Scorer's keys start with "model."
         gathered = {k.removeprefix("model."): v for k, v in distributed.full_state_dict(model).items()}
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)

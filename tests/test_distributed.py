@@ -190,8 +190,8 @@ def test_precomputed_reference_is_computed_in_parallel_and_shared(world, tmp_pat
 def cache_of(config: T.TrainConfig) -> ReferenceCache:
     folders = [p for p in Path(config.ref_cache_dir).iterdir() if p.is_dir()]
     assert len(folders) == 1  # one key; rank 0 alone wrote it
-    cache = ReferenceCache.__new__(ReferenceCache)
-    cache.folder, cache.key = folders[0], json.loads((folders[0] / "key.json").read_text())
+    cache = ReferenceCache(config.ref_cache_dir, json.loads((folders[0] / "key.json").read_text()))
+    assert cache.folder == folders[0]
     return cache
 
 
