@@ -222,7 +222,9 @@ def test_train_metrics_equal_with_and_without_prefix_sharing(world, tmp_path, ov
     for plain, shared in zip(*runs):
         assert plain.keys() == shared.keys()
         for key, value in plain.items():
-            if key != "step_time_s":
+            # At step 1 the policy is the reference, so both rewards are 0 up to rounding, and the
+            # sign of that rounding (which differs between layouts and CPUs) decides the accuracy.
+            if key != "step_time_s" and not (key == "rewards/accuracy" and plain["step"] == 1):
                 assert shared[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (plain["step"], key)
 
 
