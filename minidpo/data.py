@@ -24,8 +24,11 @@ Sources. A source is a string `LOCATION[::FORMAT]`, the form `--data` takes (sev
   A message is `{"role": "system"|"user"|"assistant", "content": str}`; a prompt ends with a user turn.
 
 Bad rows are skipped and counted by reason (see `Report`), or raise with `strict=True`. A pair keeps
-its `source` (the LOCATION as given, or the hub id) and `row` (0-based index within the source,
-counted across its files in sorted order).
+its `source` (the LOCATION as given, or the hub id), `row` (0-based index within the source,
+counted across its files in sorted order) and `where`, the place an editor opens: `file:line`
+(1-based; JSON lines count blank lines too) or `file:N` for the N-th row of a Parquet or JSON array,
+prefixed by the source's name when the file lies in a folder or hub snapshot. Reports and errors
+name pairs by `where`.
 
 Tokens. `tokenize_pairs` renders prompts with the tokenizer's chat template (generation prompt on)
 and each response as the template's assistant turn, cut right after its first end-of-turn token.
@@ -76,6 +79,8 @@ EOT_INSIDE = "end-of-turn token inside response"
 PROMPT_TOO_LONG = "prompt does not fit max_length"
 IDENTICAL_TOKENS = "chosen == rejected after truncation"
 TEMPLATE_ERROR = "chat template refused the messages"
+REPLY_CUT = "pairs with a reply cut"  # a note, not a drop: counted by tokenize_pair
+CUT_WARNING_SHARE = 0.05  # more pairs than this with a cut reply: tokenize_pairs warns
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Pair:
     rejected: str                 # dispreferred reply text
     source: str                   # LOCATION of its source, or the hub id
     row: int                      # 0-based row index within that source
+    where: str = field(default="", compare=False)  # "file:line" (1-based), for messages
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     source: str
     row: int
+    where: str = field(default="", compare=False)
 
     @property
     def prompt_length(self) -> int:
@@ -115,15 +122,15 @@ class Report:
     seen: int = 0                                        # rows (pairs) that came in
     used: int = 0
     skipped: Counter = field(default_factory=Counter)    # reason -> rows not used
-    first: dict = field(default_factory=dict)            # reason -> first "source:row" ids (<= 5)
+    first: dict = field(default_factory=dict)            # reason -> first `where`s, "file:line" (<= 5)
     notes: Counter = field(default_factory=Counter)      # counted, not dropped (ties, truncation)
     by_source: Counter = field(default_factory=Counter)  # source -> pairs used
 
-    def skip(self, reason: str, source: str, row: int) -> None:
+    def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
         ids = self.first.setdefault(reason, [])
         if len(ids) < 5:
-            ids.append(f"{source}:{row}")
+            ids.append(where)
 
     def summary(self) -> str:
         """One line: `load: 10 in, 8 used, 2 not used (missing field: 2 [a.jsonl:3, ...])`."""
@@ -144,11 +151,16 @@ class _BadRow(ValueError):
         self.reason = reason
 
 
+def located(pair) -> str:
+    """Where a pair came from, for messages: its `where`, else its 1-based row in its source."""
+    return pair.where or f"{pair.source} row {pair.row + 1}"
+
+
 class DroppedPair(ValueError):
     """`tokenize_pair` could not use a pair; `reason` says why, the message names source and row."""
 
     def __init__(self, reason: str, pair: Pair, detail: str = ""):
-        super().__init__(f"{pair.source} row {pair.row}: {reason}" + (f" ({detail})" if detail else ""))
+        super().__init__(f"{located(pair)}: {reason}" + (f" ({detail})" if detail else ""))
         self.reason = reason
 
 
@@ -217,16 +229,17 @@ def _data_files(folder: Path, split: str) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no data files ({', '.join(DATA_SUFFIXES)})")
 
 
-def _read_rows(path: Path) -> Iterator[Any]:
-    """Rows of one file, in order; an unreadable JSON line yields a `_BadRow` in its place."""
+def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(position, row) of one file, in order: the 1-based line of a JSON-lines row, the 1-based
+    row number of a Parquet or JSON-array row. An unreadable JSON line yields a `_BadRow`."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow "
                               f"(or minidpo[parquet])") from e
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+        rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
+        yield from enumerate(rows, start=1)
         return
     if path.suffix == ".json":
         text = path.read_text(encoding="utf-8")
@@ -237,20 +250,20 @@ def _read_rows(path: Path) -> Iterator[Any]:
         if rows is not None:
             if not isinstance(rows, list):
                 raise ValueError(f"{path}: a .json data file must hold a list of rows")
-            yield from rows
+            yield from enumerate(rows, start=1)
             return
     yield from _read_json_lines(path)
 
 
-def _read_json_lines(path: Path) -> Iterator[Any]:
+def _read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, start=1):
             if not line.strip():
-                continue  # blank lines are not rows
+                continue  # blank lines are not rows (but they count as lines)
             try:
-                yield json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                yield _BadRow(BAD_JSON, str(e))
+                yield lineno, _BadRow(BAD_JSON, str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +383,7 @@ def _rating_tie(row: dict) -> bool | None:
 
 
 def row_to_pair(row: Any, fmt: str, source: str, index: int, *, drop_ties: bool = False,
-                report: Report | None = None) -> Pair:
+                report: Report | None = None, where: str = "") -> Pair:
     """Turn one row into a `Pair` with format `fmt`; raises `ValueError` (with a `.reason`) if unusable."""
     if fmt not in _ADAPTERS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -384,7 +397,18 @@ def row_to_pair(row: Any, fmt: str, source: str, index: int, *, drop_ties: bool 
             report.notes["ratings missing" if tie is None else "equal ratings"] += 1
         if tie and drop_ties:
             raise _BadRow(TIE)
-    return Pair(prompt, chosen, rejected, source, index)
+    return Pair(prompt, chosen, rejected, source, index, where)
+
+
+def _file_name(path: Path, location: str, name: str) -> str:
+    """How messages name a data file: the source as given when it is the file itself, else its
+    path inside the source's folder (a hub snapshot's files by name, after the repo id)."""
+    local = Path(location).expanduser()
+    if path == local:
+        return location
+    if local.is_dir():
+        return str(Path(location) / path.relative_to(local))
+    return f"{name}/{path.name}"
 
 
 def load_pairs(sources: str | Path | Iterable[str | Path], *, strict: bool = False,
@@ -393,7 +417,7 @@ def load_pairs(sources: str | Path | Iterable[str | Path], *, strict: bool = Fal
     """Read and pool sources (see the module docstring for `LOCATION[::FORMAT]`) into `Pair`s.
 
     Bad rows are skipped and counted by reason in the returned `Report` (whose one-line summary is
-    logged at INFO); with `strict=True` the first bad row raises `ValueError` naming source and row.
+    logged at INFO); with `strict=True` the first bad row raises `ValueError` naming its file and line.
     `drop_ties` drops ultrafeedback pairs whose average ratings are equal (counted either way).
     """
     specs = [sources] if isinstance(sources, (str, Path)) else list(sources)
@@ -406,14 +430,15 @@ def load_pairs(sources: str | Path | Iterable[str | Path], *, strict: bool = Fal
         fmt = fmt or default_fmt
         index = 0
         for path in files:
-            for row in _read_rows(path):
+            for position, row in _read_rows(path):
                 report.seen += 1
+                where = f"{_file_name(path, location, name)}:{position}"
                 try:
-                    pair = row_to_pair(row, fmt, name, index, drop_ties=drop_ties, report=report)
+                    pair = row_to_pair(row, fmt, name, index, drop_ties=drop_ties, report=report, where=where)
                 except _BadRow as e:
                     if strict:
-                        raise ValueError(f"{name} ({path.name}) row {index}: {e}") from e
-                    report.skip(e.reason, name, index)
+                        raise ValueError(f"{where}: {e}") from e
+                    report.skip(e.reason, where)
                 else:
                     pairs.append(pair)
                     report.used += 1
@@ -498,8 +523,10 @@ def tokenize_pair(pair: Pair, tokenizer: Any, *, max_length: int, max_prompt_len
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if len(ids) > room:
             notes[f"{name} truncated"] += 1
+    if max(len(chosen), len(rejected)) > room:
+        notes[REPLY_CUT] += 1
     chosen, rejected = chosen[:room], rejected[:room]
-    return TokenizedPair(prompt_ids, chosen, rejected, pair.source, pair.row)
+    return TokenizedPair(prompt_ids, chosen, rejected, pair.source, pair.row, pair.where)
 
 
 def tokenize_pairs(pairs: Iterable[Pair], tokenizer: Any, *, max_length: int,
@@ -516,13 +543,18 @@ def tokenize_pairs(pairs: Iterable[Pair], tokenizer: Any, *, max_length: int,
         except DroppedPair as e:
             if strict:
                 raise
-            report.skip(e.reason, pair.source, pair.row)
+            report.skip(e.reason, located(pair))
             continue
         out.append(tp)
         report.used += 1
         report.by_source[pair.source] += 1
     report.notes = +report.notes  # drop zero counts
     logger.info(report.summary())
+    cut = report.notes[REPLY_CUT]
+    if report.used and cut > CUT_WARNING_SHARE * report.used:
+        logger.warning("%d of %d pairs (%.0f%%) lose the end of a reply to max_length=%d: they train on "
+                       "replies cut before their end-of-turn token. Raise max_length (--max-length) or "
+                       "shorten the data.", cut, report.used, 100 * cut / report.used, max_length)
     return out, report
 
 

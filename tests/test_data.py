@@ -143,7 +143,9 @@ def test_capybara_adapter(hub):
     assert hub == [(CAPYBARA, "dataset", ("*.parquet", "*.jsonl", "*.json"))]  # data files only
     assert (report.seen, report.used) == (4, 2)
     assert report.skipped == Counter({data.MISMATCH: 1, data.IDENTICAL: 1})
-    assert report.first == {data.MISMATCH: [f"{CAPYBARA}:2"], data.IDENTICAL: [f"{CAPYBARA}:3"]}
+    # 1-based rows of the snapshot's file, as an editor counts them
+    where = f"{CAPYBARA}/train-00000-of-00001.parquet"
+    assert report.first == {data.MISMATCH: [f"{where}:3"], data.IDENTICAL: [f"{where}:4"]}
     multi = pairs[1]
     assert multi.prompt == [msg("user", "Count the letters in banana."), msg("assistant", "Six."),
                             msg("user", "And in fig?")]
@@ -182,12 +184,14 @@ def test_pooled_counts_add_up(hub, caplog):
         {CAPYBARA: 2, ORCA: 2, ULTRAFEEDBACK: 3})
     line = report.summary()
     assert line.startswith("load: 13 in, 7 used, 6 not used (")
-    assert f"chosen == rejected: 2 [{CAPYBARA}:3, {ORCA}:3]" in line and "equal ratings: 1" in line
+    capybara_file = f"{CAPYBARA}/train-00000-of-00001.parquet"
+    assert f"chosen == rejected: 2 [{capybara_file}:4, {ORCA}/orca_rlhf.jsonl:4]" in line
+    assert "equal ratings: 1" in line
     assert line in caplog.text  # the summary is logged
 
 
 def test_strict_names_source_and_row(hub):
-    with pytest.raises(ValueError, match=rf"{ORCA} \(orca_rlhf.jsonl\) row 2: missing field: question"):
+    with pytest.raises(ValueError, match=rf"{ORCA}/orca_rlhf.jsonl:3: missing field: question"):
         load_pairs([ORCA], strict=True)
 
 
@@ -221,7 +225,8 @@ def test_local_file_with_a_dataset_adapter_and_bad_json(tmp_path):
     path.write_text(json.dumps(ORCA_ROWS[0]) + "\n{not json\n\n" + json.dumps(ORCA_ROWS[1]) + "\n")
     pairs, report = load_pairs(f"{path}::orca")
     assert [p.row for p in pairs] == [0, 2] and report.skipped == Counter({data.BAD_JSON: 1})
-    assert report.first[data.BAD_JSON] == [f"{path}:1"]
+    assert report.first[data.BAD_JSON] == [f"{path}:2"]  # the file's second line, as editors count
+    assert [p.where for p in pairs] == [f"{path}:1", f"{path}:4"]  # the blank line counts too
 
 
 def test_folder_prefers_parquet_and_the_train_split(tmp_path):
@@ -384,7 +389,8 @@ def test_truncation_keeps_prompt_end_then_cuts_replies(tok, ref):
     tp = tokenize_pair(pair, tok, max_length=max_length, max_prompt_length=max_prompt, notes=notes)
     assert tp.prompt_ids == prompt[-max_prompt:]  # cut from its start
     assert tp.chosen_ids == chosen[:4] and tp.rejected_ids == rejected[:4]  # cut from their end
-    assert notes == Counter({"prompt truncated": 1, "chosen truncated": 1, "rejected truncated": 1})
+    assert notes == Counter({"prompt truncated": 1, "chosen truncated": 1, "rejected truncated": 1,
+                             data.REPLY_CUT: 1})
     batch = collate([tp], tok.pad_id)
     assert batch["input_ids"].shape == (2, max_length)
     assert (batch["labels"] != IGNORE_INDEX).sum(1).tolist() == [4, 4]
@@ -392,6 +398,19 @@ def test_truncation_keeps_prompt_end_then_cuts_replies(tok, ref):
     # only the reply cut: max_prompt_length None leaves the prompt whole
     tp = tokenize_pair(pair, tok, max_length=len(prompt) + len(chosen) - 1)
     assert tp.prompt_ids == prompt and tp.chosen_ids == chosen[:-1] and tp.rejected_ids == rejected
+
+
+def test_cut_replies_warn_loudly(tok, ref, caplog):
+    n = len(reference_ids(ref, PAIRS[0], PAIRS[0].chosen)[0])  # the first pair's prompt length
+    with caplog.at_level(logging.INFO, logger="minidpo.data"):
+        tps, report = tokenize_pairs(PAIRS[:1], tok, max_length=n + 2)  # 2 reply tokens fit
+    assert report.notes[data.REPLY_CUT] == 1 and len(tps) == 1
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 of 1 pairs (100%) lose the end of a reply to max_length" in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="minidpo.data"):
+        tokenize_pairs(PAIRS[:1], tok, max_length=512)  # nothing cut: no warning
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_pairs_that_cannot_be_used_are_counted(tok, ref):
@@ -402,9 +421,10 @@ def test_pairs_that_cannot_be_used_are_counted(tok, ref):
     tps, report = tokenize_pairs(pairs, tok, max_length=n_long)  # the long prompt leaves no room
     assert [tp.row for tp in tps] == [0]
     assert report.skipped == Counter({data.PROMPT_TOO_LONG: 1, data.EOT_INSIDE: 1})
-    assert report.first == {data.PROMPT_TOO_LONG: ["t:1"], data.EOT_INSIDE: ["t:8"]}
+    # pairs built in memory have no file: they are named by their 1-based row in the source
+    assert report.first == {data.PROMPT_TOO_LONG: ["t row 2"], data.EOT_INSIDE: ["t row 9"]}
     assert report.summary().startswith("tokenize: 3 in, 1 used, 2 not used (")
-    with pytest.raises(DroppedPair, match="t row 1: prompt does not fit max_length"):
+    with pytest.raises(DroppedPair, match="t row 2: prompt does not fit max_length"):
         tokenize_pairs(pairs, tok, max_length=n_long, strict=True)
     # replies sharing their first tokens become identical when cut to them: no preference left
     twins = Pair([{"role": "user", "content": "Say it."}], "The quick brown fox jumps.",
@@ -424,7 +444,7 @@ def test_reply_with_leading_whitespace_is_counted_not_a_prefix(tok, ref):
                                    tokenize=True, return_dict=False)
     assert full[:len(prompt)] != prompt
     tps, report = tokenize_pairs([pair, PAIRS[0]], tok, max_length=512)
-    assert [tp.row for tp in tps] == [0] and report.first == {data.NOT_PREFIX: ["t:5"]}
+    assert [tp.row for tp in tps] == [0] and report.first == {data.NOT_PREFIX: ["t row 6"]}
 
 
 def test_template_whose_prompt_is_not_a_prefix_is_counted(tmp_path):
@@ -449,8 +469,8 @@ def test_template_that_refuses_messages_is_counted(tmp_path):
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tok = load_tokenizer(write_tokenizer_folder(tmp_path / "nosys", template=template))
     tps, report = tokenize_pairs(PAIRS, tok, max_length=512)  # PAIRS[1] has a system turn
-    assert [tp.row for tp in tps] == [0, 2] and report.first == {data.TEMPLATE_ERROR: ["t:1"]}
-    with pytest.raises(DroppedPair, match="t row 1: chat template refused the messages.*no system turns"):
+    assert [tp.row for tp in tps] == [0, 2] and report.first == {data.TEMPLATE_ERROR: ["t row 2"]}
+    with pytest.raises(DroppedPair, match="t row 2: chat template refused the messages.*no system turns"):
         tokenize_pairs(PAIRS, tok, max_length=512, strict=True)
 
 
@@ -560,7 +580,7 @@ def test_property_every_row_used_or_counted(row_list, fmt, drop_ties):
         try:
             strict_pairs, _ = load_pairs(f"{path}::{fmt}", drop_ties=drop_ties, strict=True)
         except ValueError as e:
-            assert report.skipped and f"{path} (rows.jsonl) row " in str(e)
+            assert report.skipped and str(e).startswith(report.first[next(iter(report.first))][0] + ":")
         else:
             assert strict_pairs == pairs and not report.skipped
 
