@@ -17,7 +17,8 @@ rejected reply, π the policy and π_ref the reference, per pair (the returned `
     nca_pair      -log σ(βc) - ½ log σ(-βc) - ½ log σ(-βr)   NCA (Chen et al. 2024)
     bco_pair      -log σ(βc) - log σ(-βr)   BCO's pairwise form, as TRL 1.16 (no running reward mean)
     sppo_hard     (c - 1/(2β))² + (r + 1/(2β))²   SPPO (Wu et al. 2024) with hard labels
-    aot           S(β[sort(π_w - π_l) - sort(π_ref,w - π_ref,l)]) (log-probs)   AOT (Melnyk et al. 2024)
+    aot           S(β[sort(h + h_ref) - sort(h_ref)]), h_ref = log π_ref(y_w|x) - log π_ref(y_l|x)
+                                            AOT (Melnyk et al. 2024), paired
     aot_unpaired  S(β[sort(c) - sort(r)])   both sort within the batch given (a micro-batch, in training)
     apo_zero      1 - σ(βc) + σ(βr)         APO (D'Oosterlinck et al. 2024, eq. 7)
     apo_down      σ(βc) + 1 - σ(βh)         APO eq. 8
@@ -33,7 +34,8 @@ reply's NLL is added with weight `nll_weight(...)`: `cpo_alpha` for cpo (default
 CPO-SimPO above), 1 for orpo, `rpo_alpha` for the losses with a reference (RPO, Pang et al. 2024). Its
 value is TRL's: the mean NLL over all chosen tokens of the batch, which `batch_nll` spreads over the pairs.
 The rewards are β c and β r, detached (of the averages where the loss takes averages; TRL's DPOTrainer
-logs IPO's and sigmoid_norm's from the sums). No gradient flows into the reference values.
+logs IPO's and sigmoid_norm's from the sums). No gradient flows into the reference values. sigmoid with
+ε > 0 is cDPO as TRL's CPOTrainer computes it (TRL 1.16's DPOTrainer ignores ε for sigmoid).
 """
 from __future__ import annotations
 

@@ -21,13 +21,14 @@ The reference (DPO): `adapter-off` is the LoRA model itself under `lora_disabled
 mode (so no dropout; no second copy of the weights); `copy` a frozen copy of the starting weights
 (full fine-tunes); `precomputed` one no_grad pass before training, cached per pair on disk
 (`minidpo.refcache`) and reused by every run with the same key; `auto` is adapter-off for LoRA runs
-and copy for full ones.
+and copy for full ones. The reference-free losses (simpo, cpo, orpo) have none: no copy, no cache, no pass.
 
 OUT holds `config.json`; `metrics.jsonl` (one record per optimizer step: `step`, `epoch` (steps
 over steps per epoch), `examples` and `tokens` (pairs and non-pad tokens the policy processed so
 far), `loss`, `rewards/{chosen,rejected,accuracy,margin}`, `logps/{chosen,rejected}` (means over
-the step's pairs), `lr`, `grad_norm` (before clipping), `step_time_s`; SFT records have no rewards
-or logps; eval records carry `step` and `eval/...` keys); `checkpoints/step-N/`
+the step's pairs), `lr`, `grad_norm` (before clipping), `step_time_s`, plus the loss's own under TRL's
+names: `nll_loss` where the loss adds the chosen NLL, orpo's `log_odds_ratio` and `log_odds_chosen`;
+SFT records have no rewards or logps; eval records carry `step` and `eval/...` keys); `checkpoints/step-N/`
 (`trainable.safetensors`; `training_state.pt`: optimizer, scheduler and every RNG state;
 `state.json`: counters, the epoch's data order and the position), written to `step-N.tmp` and
 renamed; `final/` (a PEFT adapter, or a Hugging Face model folder with the tokenizer files).
@@ -103,10 +104,10 @@ class TrainConfig:
     full: bool = False  # full fine-tune (every weight trains) instead of LoRA
     beta: float = 0.1  # DPO temperature beta (orpo: the odds-ratio weight lambda; simpo, cpo: the reward scale)
     loss: str = "sigmoid"  # preference loss, TRL's names (see minidpo.loss); simpo, cpo, orpo use no reference
-    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid as cDPO, robust, exo_pair, aot, simpo, cpo)
+    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid: cDPO, robust, exo_pair, aot, simpo, cpo)
     rpo_alpha: float = 0.0  # weight of the chosen replies' NLL per token added to a loss with a reference (RPO)
     simpo_gamma: float = 0.5  # SimPO's target reward margin gamma (simpo only)
-    cpo_alpha: float = None  # weight of the chosen replies' NLL per token: cpo (default 1) and simpo (default 0)
+    cpo_alpha: float = None  # weight of the chosen NLL per token in cpo, simpo (unset: 1 for cpo, 0 for simpo)
     lr: float = 5e-5  # peak learning rate of AdamW
     schedule: str = "cosine"  # learning rate after the warmup
     warmup_ratio: float = 0.1  # share of the steps spent warming the learning rate up linearly
