@@ -202,8 +202,13 @@ def test_orpo_matches_the_paper_and_stays_finite_near_zero():
     torch.testing.assert_close(out.metrics["log_odds_chosen"][:3], log_odds.detach()[:3], rtol=1e-9, atol=1e-12)
     out.loss.backward()
     assert torch.isfinite(out.losses).all() and torch.isfinite(pc.grad).all()
-    # a near-certain chosen reply: log odds_w = log(1e-9 ... ) inverted, ~ +20.7 - log odds_l (~ -50): σ ~ 1
+    # a near-certain chosen reply (P_w = 1 - 1e-9): log odds_w ~ 20.7, log odds_l ~ -50, log σ(70.7) ~ 0
     assert out.metrics["log_odds_ratio"][3].item() == pytest.approx(0.0, abs=1e-12)
+    # a certain one (average log-prob exactly 0, as fp32 rounds a confident reply): finite, no NaN
+    pc32 = torch.tensor([0.0, -0.5], requires_grad=True)
+    certain = dpo_loss(pc32, torch.tensor([-1.0, -1.0]), None, None, loss_type="orpo", chosen_nll=torch.zeros(2))
+    certain.loss.backward()
+    assert torch.isfinite(certain.losses).all() and torch.isfinite(pc32.grad).all()
 
 
 def test_nll_terms_and_their_weights():

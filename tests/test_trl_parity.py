@@ -21,16 +21,26 @@ Differences kept (each asserted below):
   token; minidpo's reply ends at the end-of-turn token (what the model generates). The step feeds TRL the
   rendered prompt as text, so both score exactly the same tokens.
 """
+import importlib
 import json
 import math
 from types import SimpleNamespace
 
+import datasets
+import peft
 import pytest
 import torch
-import torch.nn.functional as F
+import trl
+from transformers import PreTrainedTokenizerFast, TrainerCallback
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from conftest import make_hf_mistral, write_tokenizer_folder
+from conftest import CHATML_TEMPLATE, make_hf_mistral, write_tokenizer_folder
+from minidpo.lora import lora_layers
 from minidpo.loss import batch_nll, dpo_loss, needs_average
+from minidpo.tokenizer import load_tokenizer
+
+T = importlib.import_module("minidpo.train")  # the module (the package exports a function `train`)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
@@ -60,10 +70,6 @@ def world(tmp_path_factory):
 
 
 def hf_tokenizer(world):
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import CHATML_TEMPLATE
-
     tok = PreTrainedTokenizerFast(tokenizer_file=str(world / "model" / "tokenizer.json"), bos_token="<s>",
                                   eos_token="<|im_end|>", unk_token="<unk>", pad_token="</s>")
     tok.chat_template = CHATML_TEMPLATE
@@ -73,11 +79,6 @@ def hf_tokenizer(world):
 @pytest.fixture(scope="module")
 def trainers(world, tmp_path_factory):
     """Real TRL trainers on a tiny in-memory model; only their loss code is called."""
-    import datasets
-    import trl
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
     data = datasets.Dataset.from_list(ROWS)
     out = tmp_path_factory.mktemp("trl-out")
     common = dict(output_dir=str(out), report_to="none", use_cpu=True, save_strategy="no")
@@ -346,17 +347,6 @@ def test_orpo_trainer_whole_loss_and_its_prompt_nll(trainers, monkeypatch):
 # One whole step against DPOTrainer.
 
 def test_one_dpo_step_equals_trl(world, tmp_path):
-    import datasets
-    import peft
-    import trl
-    from transformers import TrainerCallback
-
-    import importlib
-
-    from minidpo.lora import lora_layers
-    from minidpo.tokenizer import load_tokenizer
-
-    T = importlib.import_module("minidpo.train")
     config = T.TrainConfig(model=str(world / "model"), data=[str(world / "pairs.jsonl")], out=str(tmp_path / "m"),
                            lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lora_targets=TARGETS, beta=0.1, lr=1e-3,
                            schedule="constant", warmup_ratio=0.0, batch_size=4, max_steps=1, max_length=64,
