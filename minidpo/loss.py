@@ -164,7 +164,7 @@ def _pair_losses(loss_type: str, c, r, ref_h, beta: float, eps: float, gamma: fl
         return smoothed(beta * h - gamma), {}
     if loss_type == "orpo":
         # a reply of probability 1 (an average log-prob of 0, which fp32 rounding produces) has infinite
-        # odds and a NaN gradient; capped one ulp below 0 (TRL does not cap) it has a finite, zero one
+        # odds and a NaN gradient; capped at -eps (TRL does not cap) it has a finite, zero one
         top = -torch.finfo(c.dtype).eps
         log_odds = h - (_log1mexp(c.clamp(max=top)) - _log1mexp(r.clamp(max=top)))
         ratio = F.logsigmoid(log_odds)
