@@ -19,6 +19,8 @@ Scenarios (`--scenarios`):
     lora-pre  as lora, reference log-probs computed once before training (minidpo `precomputed`
               with an empty cache; TRL `precompute_ref_log_probs=True`)
     full-pre  as full, likewise precomputed (neither side keeps a reference model)
+    lora-simpo  as lora with the reference-free SimPO loss (beta 0.1, gamma 0.5, no NLL term): minidpo
+              `--loss simpo`; TRL's `CPOTrainer(loss_type="simpo", cpo_alpha=0)`. No reference pass
 TRL runs with gradient checkpointing off (its faster setting here), `disable_dropout=False` so the
 LoRA dropout is the same on both sides, `logging_steps=1` (minidpo logs every step).
 minidpo runs with `group_by_length=False` (TRL has no such default).
@@ -44,7 +46,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("lora", "full", "lora-pre", "full-pre")
+SCENARIOS = ("lora", "full", "lora-pre", "full-pre", "lora-simpo")
 PROVIDERS = ("minidpo", "trl")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -81,10 +83,11 @@ def timed(path, record):
         ends.append(time.perf_counter())
 T.append_metrics = timed
 full, pre = spec["scenario"].startswith("full"), spec["scenario"].endswith("-pre")
+loss = "simpo" if spec["scenario"] == "lora-simpo" else "sigmoid"
 config = T.TrainConfig(model=spec["folder"], data=[spec["pairs"]], out=spec["out"], full=full,
     reference="precomputed" if pre else "auto", ref_cache_dir=spec["cache"], lora_r=16, lora_alpha=32,
     lora_dropout=0.05, lr=5e-5, schedule="cosine", warmup_ratio=0.1, batch_size=4, max_steps=spec["steps"],
-    max_length=256, max_prompt_length=128, group_by_length=False, beta=0.1, loss="sigmoid", seed=0,
+    max_length=256, max_prompt_length=128, group_by_length=False, beta=0.1, loss=loss, seed=0,
     device="cpu", dtype="float32", log_every=1000)
 T.train(config)
 tokens = [json.loads(l)["tokens"] for l in open(os.path.join(spec["out"], "metrics.jsonl"))]
@@ -118,12 +121,25 @@ ends = []
 class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         ends.append(time.perf_counter())
-trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-    processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
+if spec["scenario"] == "lora-simpo":
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    same = {k: getattr(args, k) for k in ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "beta", "gradient_checkpointing",
+            "max_length", "disable_dropout", "use_cpu", "bf16", "report_to", "save_strategy", "logging_steps",
+            "disable_tqdm", "dataloader_num_workers", "seed")}
+    trainer = CPOTrainer(model=model, args=CPOConfig(**same, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.5),
+        train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
+else:
+    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+        processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
 trainer.train()
 columns = trainer.train_dataset.column_names
-per_pair = [len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
-            for r in trainer.train_dataset] if "chosen_ids" in columns else [float("nan")]
+if "chosen_ids" in columns:
+    per_pair = [len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset]
+elif "chosen_input_ids" in columns:  # CPOTrainer's rows hold the prompt
+    per_pair = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in trainer.train_dataset]
+else:
+    per_pair = [float("nan")]
 report(ends, {"tokens_per_step": 4 * statistics.mean(per_pair)})
 """
 

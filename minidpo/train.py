@@ -21,13 +21,14 @@ The reference (DPO): `adapter-off` is the LoRA model itself under `lora_disabled
 mode (so no dropout; no second copy of the weights); `copy` a frozen copy of the starting weights
 (full fine-tunes); `precomputed` one no_grad pass before training, cached per pair on disk
 (`minidpo.refcache`) and reused by every run with the same key; `auto` is adapter-off for LoRA runs
-and copy for full ones.
+and copy for full ones. The reference-free losses (simpo, cpo, orpo) have none: no copy, no cache, no pass.
 
 OUT holds `config.json`; `metrics.jsonl` (one record per optimizer step: `step`, `epoch` (steps
 over steps per epoch), `examples` and `tokens` (pairs and non-pad tokens the policy processed so
 far), `loss`, `rewards/{chosen,rejected,accuracy,margin}`, `logps/{chosen,rejected}` (means over
-the step's pairs), `lr`, `grad_norm` (before clipping), `step_time_s`; SFT records have no rewards
-or logps; eval records carry `step` and `eval/...` keys); `checkpoints/step-N/`
+the step's pairs), `lr`, `grad_norm` (before clipping), `step_time_s`, plus the loss's own under TRL's
+names: `nll_loss` where the loss adds the chosen NLL, orpo's `log_odds_ratio` and `log_odds_chosen`;
+SFT records have no rewards or logps; eval records carry `step` and `eval/...` keys); `checkpoints/step-N/`
 (`trainable.safetensors`; `training_state.pt`: optimizer, scheduler and every RNG state;
 `state.json`: counters, the epoch's data order and the position), written to `step-N.tmp` and
 renamed; `final/` (a PEFT adapter, or a Hugging Face model folder with the tokenizer files).
@@ -65,7 +66,7 @@ from minidpo.data import IGNORE_INDEX, batches, collate, load_pairs, subset, tok
 from minidpo.distributed import Dist, grad_sync, share
 from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
 from minidpo.lora import DEFAULT_TARGETS, apply_lora, lora_disabled, lora_layers, save_lora
-from minidpo.loss import LOSS_TYPES, dpo_loss, needs_average
+from minidpo.loss import LOSS_TYPES, batch_nll, dpo_loss, needs_average, needs_reference, nll_weight
 from minidpo.prefix import is_packed, packed_collate, packed_logps
 from minidpo.refcache import ReferenceCache, default_root, pair_digest, tokenizer_digest, weights_digest
 from minidpo.tokenizer import TOKENIZER_FILES, TEMPLATES, load_tokenizer
@@ -101,10 +102,12 @@ class TrainConfig:
     lora_dropout: float = 0.05  # dropout on the adapters' input (policy only: the reference has none)
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # modules given adapters
     full: bool = False  # full fine-tune (every weight trains) instead of LoRA
-    beta: float = 0.1  # DPO temperature beta
-    loss: str = "sigmoid"  # preference loss (see minidpo.loss)
-    label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO, robust)
-    rpo_alpha: float = 0.0  # weight of the chosen reply's per-token NLL added to the loss (RPO; 0: plain DPO)
+    beta: float = 0.1  # DPO temperature beta (orpo: the odds-ratio weight lambda; simpo, cpo: the reward scale)
+    loss: str = "sigmoid"  # preference loss, TRL's names (see minidpo.loss); simpo, cpo, orpo use no reference
+    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid: cDPO, robust, exo_pair, aot, simpo, cpo)
+    rpo_alpha: float = 0.0  # weight of the chosen replies' NLL per token added to a loss with a reference (RPO)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma (simpo only)
+    cpo_alpha: float = None  # weight of the chosen NLL per token in cpo, simpo (unset: 1 for cpo, 0 for simpo)
     lr: float = 5e-5  # peak learning rate of AdamW
     schedule: str = "cosine"  # learning rate after the warmup
     warmup_ratio: float = 0.1  # share of the steps spent warming the learning rate up linearly
@@ -152,6 +155,7 @@ class TrainConfig:
         if not self.data:
             raise ValueError("TrainConfig.data: give at least one data source")
         self._check_numbers()
+        self._check_loss()
         if self.full and self.reference == "adapter-off":
             raise ValueError("TrainConfig.reference='adapter-off' needs LoRA; a full fine-tune uses "
                              "'copy' or 'precomputed'")
@@ -180,6 +184,19 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not a multiple of "
                              f"grad_accum={self.grad_accum}")
 
+    def _check_loss(self):
+        """The loss's options as TRL's trainers check them, plus those that mean nothing for the loss."""
+        if self.cpo_alpha is None:  # the loss's own default (TRL's CPOConfig: 1; SimPO has no NLL)
+            self.cpo_alpha = 1.0 if self.loss == "cpo" else 0.0
+        try:
+            nll_weight(self.loss, beta=self.beta, label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
+                       cpo_alpha=self.cpo_alpha, rpo_alpha=self.rpo_alpha)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig: {e}") from None
+        if not needs_reference(self.loss) and self.reference != "auto":
+            raise ValueError(f"TrainConfig.reference={self.reference!r}: loss {self.loss!r} uses no reference "
+                             f"model; leave --reference at auto")
+
     @property
     def prompt_limit(self) -> int:
         """Prompt tokens kept: max_prompt_length, or half of max_length when it is 0."""
@@ -192,8 +209,8 @@ class TrainConfig:
 
 
 def reference_mode(config: TrainConfig) -> Optional[str]:
-    """The reference actually used: None for SFT; `auto` resolved."""
-    if config.mode == "sft":
+    """The reference actually used: None for SFT and reference-free losses; `auto` resolved."""
+    if config.mode == "sft" or not needs_reference(config.loss):
         return None
     if config.reference == "auto":
         return "copy" if config.full else "adapter-off"
@@ -458,42 +475,46 @@ def precomputed_reference(config: TrainConfig, folder: Path, tokenizer, model, p
 DPO_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen", "logps/rejected")
 
 
-def dpo_forward(model, reference, batch: dict, config: TrainConfig):
-    """-> (DPOOutput of the micro-batch's b pairs, policy log-probs [2b]). Grad flows iff enabled."""
+def dpo_forward(model, reference, batch: dict, config: TrainConfig, nll_scale: Optional[dict] = None):
+    """-> (DPOOutput of the micro-batch's b pairs, policy log-probs [2b]). Grad flows iff enabled.
+
+    Reference-free losses run no reference pass. Where the loss adds the chosen replies' NLL,
+    `nll_scale` (`pairs`, `tokens`: the step's or eval set's totals) makes it their mean NLL per token
+    (TRL's); None: this micro-batch's."""
     average = needs_average(config.loss)
     ref = batch.get("ref_logps")
-    if ref is None:
+    if ref is None and reference_mode(config) is not None:
         ref = reference_logps(model, reference, batch, average=average)
     logps = batch_logps(model, batch, average=average)
     b = logps.shape[0] // 2
-    out = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=config.beta, loss_type=config.loss,
-                   label_smoothing=config.label_smoothing)
-    if config.rpo_alpha:
-        losses = out.losses + config.rpo_alpha * chosen_nll(logps[:b], batch, average)
-        out = out._replace(loss=losses.mean(), losses=losses)
+    nll = None
+    if nll_weight(config.loss, cpo_alpha=config.cpo_alpha, rpo_alpha=config.rpo_alpha):
+        nll = batch_nll(logps[:b], chosen_tokens(batch), average=average, **(nll_scale or {}))
+    out = dpo_loss(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
+                   beta=config.beta, loss_type=config.loss, label_smoothing=config.label_smoothing,
+                   simpo_gamma=config.simpo_gamma, cpo_alpha=config.cpo_alpha, rpo_alpha=config.rpo_alpha,
+                   chosen_nll=nll)
     return out, logps
 
 
-def chosen_nll(chosen_logps: torch.Tensor, batch: dict, average: bool) -> torch.Tensor:
-    """[b] per-token NLL of each chosen reply: RPO's term (Pang et al. 2024, TRL's `rpo_alpha`).
-
-    DPO alone can lower both replies' likelihood (on the tiny world it unlearns the end-of-turn
-    token); this anchors the chosen one."""
-    if average:
-        return -chosen_logps
-    b = chosen_logps.shape[0]
-    labels = batch["labels_chosen"] if is_packed(batch) else batch["labels"][:b, 1:]
-    tokens = (labels != -100).sum(-1).clamp(min=1)
-    return -chosen_logps / tokens
+def chosen_tokens(batch: dict) -> torch.Tensor:
+    """[b] int64 on the batch's device: scored tokens of each chosen reply (for the NLL per token)."""
+    labels = batch["labels_chosen"] if is_packed(batch) else batch["labels"][:pair_count(batch), 1:]
+    return (labels != IGNORE_INDEX).sum(-1)
 
 
-def dpo_sums(out, logps: torch.Tensor) -> torch.Tensor:
-    """[6] fp32 sums over the micro-batch's pairs, in `DPO_SUMS` order (no host sync)."""
+def dpo_sums(out, logps: torch.Tensor) -> dict:
+    """0-d sums over the micro-batch's pairs (no host sync): `DPO_SUMS`, then the loss's own metrics
+    (`out.metrics`: `nll_loss`; orpo `log_odds_ratio`, `log_odds_chosen`)."""
     b = logps.shape[0] // 2
     logps = logps.detach()
-    return torch.stack([out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                        (out.chosen_rewards > out.rejected_rewards).float().sum(),
-                        logps[:b].sum(), logps[b:].sum()])
+    values = [out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+              (out.chosen_rewards > out.rejected_rewards).float().sum(), logps[:b].sum(), logps[b:].sum()]
+    return {**dict(zip(DPO_SUMS, values)), **{k: v.sum() for k, v in out.metrics.items()}}
+
+
+def add_sums(total: dict, sums: dict, weight: float) -> dict:
+    return {k: total.get(k, 0) + v * weight for k, v in sums.items()}
 
 
 def dpo_step(model, micro_batches: list[dict], config: TrainConfig, reference=None, d: Dist = ONE) -> dict:
@@ -501,19 +522,24 @@ def dpo_step(model, micro_batches: list[dict], config: TrainConfig, reference=No
 
     Each micro-batch's loss is `sum(per-pair losses) / pairs in the step` (pairs of every rank), so
     the accumulated gradient is that of the step's mean loss; with several ranks it is multiplied by
-    their number, which DDP and FSDP2 divide by when they average. Gradients are reduced on the last
-    micro-batch only. Returns this rank's share of the step's means (`DPO_SUMS` keys; summed over the
-    ranks by `optimizer_step`) as 0-d tensors on the model's device: nothing is synced to the host.
+    their number, which DDP and FSDP2 divide by when they average. An NLL term is the NLL per chosen
+    token of the whole step. Gradients are reduced on the last micro-batch only. Returns this rank's
+    share of the step's means (`dpo_sums` keys; summed over the ranks by `optimizer_step`) as 0-d
+    tensors on the model's device: nothing is synced to the host.
     """
     n_pairs = step_total(micro_batches, "pairs", d)
-    sums = 0
+    scale = None
+    if nll_weight(config.loss, cpo_alpha=config.cpo_alpha, rpo_alpha=config.rpo_alpha):
+        tokens = sum(chosen_tokens(b).sum() * b.get("weight", 1.0) for b in micro_batches)
+        scale = {"pairs": n_pairs, "tokens": d.all_sum(tokens)}
+    sums = {}
     for i, batch in enumerate(micro_batches):
         weight = batch.get("weight", 1.0)
         with grad_sync(model, last=i == len(micro_batches) - 1):
-            out, logps = dpo_forward(model, reference, batch, config)
+            out, logps = dpo_forward(model, reference, batch, config, scale)
             (out.losses.sum() * (weight * d.world) / n_pairs).backward()
-        sums = sums + dpo_sums(out, logps) * weight
-    return dict(zip(DPO_SUMS, sums / n_pairs))
+        sums = add_sums(sums, dpo_sums(out, logps), weight)
+    return {k: v / n_pairs for k, v in sums.items()}
 
 
 def sft_step(model, micro_batches: list[dict], config: TrainConfig, reference=None, d: Dist = ONE) -> dict:
@@ -593,22 +619,23 @@ def evaluate(model, reference, pairs: list, config: TrainConfig, pad_id: int, de
     was_training = model.training
     model.eval()
     try:
-        sums = 0
+        sums = {}
+        scale = {"pairs": len(pairs), "tokens": sum(len(p.chosen_ids) for p in pairs)}  # the NLL per eval token
         for s in range(0, len(pairs), config.micro_batch_size):
             idx, weight = share(list(range(s, min(len(pairs), s + config.micro_batch_size))), d)
             batch = make_batch(pairs, idx, pad_id, device, ref_table=ref_table, chosen_only=config.mode == "sft",
                                packed=config.prefix_sharing, attention=config.prefix_attention)
-            if config.mode == "sft":  # [NLL, scored tokens]
+            if config.mode == "sft":
                 nll = -batch_logps(model, batch).sum().double()
-                sums = sums + torch.stack([nll, nll.new_tensor(float(batch["scored"]))]) * weight
+                sums = add_sums(sums, {"nll": nll, "scored": nll.new_tensor(float(batch["scored"]))}, weight)
             else:
-                sums = sums + dpo_sums(*dpo_forward(model, reference, batch, config)) * weight
+                sums = add_sums(sums, dpo_sums(*dpo_forward(model, reference, batch, config, scale)), weight)
     finally:
         model.train(was_training)
-    sums = d.all_sum(sums)
+    sums = dict(zip(sums, d.all_sum(torch.stack([v.double() for v in sums.values()])).tolist()))
     if config.mode == "sft":
-        return {"eval/loss": float(sums[0] / sums[1]), "eval/examples": len(pairs)}
-    values = dict(zip(DPO_SUMS, (sums / len(pairs)).tolist()))
+        return {"eval/loss": sums["nll"] / sums["scored"], "eval/examples": len(pairs)}
+    values = {k: v / len(pairs) for k, v in sums.items()}
     values["rewards/margin"] = values["rewards/chosen"] - values["rewards/rejected"]
     return {**{f"eval/{k}": v for k, v in values.items()}, "eval/examples": len(pairs)}
 

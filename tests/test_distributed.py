@@ -174,6 +174,17 @@ def test_sft_matches_one_process(world, tmp_path):
     assert_same_tensors(load_file(f"{config.out}/{adapter}"), load_file(f"{two.out}/{adapter}"))
 
 
+def test_reference_free_orpo_matches_one_process(world, tmp_path):
+    # ORPO's NLL is per chosen token of the whole step: the ranks sum their token counts (a stand-in
+    # pair of weight 0 counts none) before any rank's loss is formed
+    config = make_config(world, tmp_path / "one", loss="orpo", beta=0.2, eval_fraction=0.2)
+    T.train(config)
+    two = dataclasses.replace(config, out=str(tmp_path / "two"))
+    check_ran(torchrun(two))
+    assert_same_records(records(config.out), records(two.out))
+    assert "nll_loss" in records(two.out)[0] and not Path(config.ref_cache_dir).exists()
+
+
 def test_precomputed_reference_is_computed_in_parallel_and_shared(world, tmp_path):
     config = make_config(world, tmp_path / "one", reference="precomputed", prefix_sharing=True,
                          eval_fraction=0.2)

@@ -9,13 +9,16 @@ the module uses):
   with l the DPO loss.
 - hinge, SLiC-HF (Zhao et al. 2023) on reference-normalised log-ratios: max(0, 1 - βh).
 - IPO, Azar et al. 2023, eq. 17: (h - 1/(2τ))², τ = β.
+- SimPO, Meng et al. 2024, eq. 6: -log σ(β Δ - γ), Δ the difference of per-token average log-probs.
+- ORPO, Hong et al. 2024, eqs. 4-7: odds(y) = P / (1 - P), L_OR = -log σ(log odds_w - log odds_l), λ = β.
+The other loss types are checked against TRL's own code in test_trl_parity.py.
 """
 import math
 
 import pytest
 import torch
 
-from minidpo.loss import LOSS_TYPES, dpo_loss, needs_average
+from minidpo.loss import LOSS_TYPES, REFERENCE_FREE, batch_nll, dpo_loss, needs_average, needs_reference, nll_weight
 
 BETAS = [0.01, 0.1, 0.5, 2.0]
 
@@ -107,11 +110,21 @@ def test_hinge_and_ipo_at_policy_equals_reference(beta):
     assert ipo == pytest.approx(1 / (4 * beta ** 2), rel=1e-12)  # (0 - 1/(2β))²
 
 
+def options(loss_type, b):
+    """Keyword arguments every loss type accepts: label smoothing for EXO, an NLL where one is added."""
+    extra = {"label_smoothing": 1e-3} if loss_type == "exo_pair" else {}
+    if nll_weight(loss_type, **extra):
+        extra["chosen_nll"] = torch.rand(b, dtype=torch.float64)
+    return extra
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_swapping_chosen_and_rejected_flips_margins(loss_type):
-    pc, pr, rc, rr = random_logps(11, seed=5, scale=0.05 if loss_type == "ipo" else 1.0)
-    out = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type)
-    swapped = dpo_loss(pr, pc, rr, rc, beta=0.3, loss_type=loss_type)
+    pc, pr, rc, rr = random_logps(11, seed=5, scale=0.05 if needs_average(loss_type) else 1.0)
+    if not needs_reference(loss_type):
+        rc = rr = None
+    out = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type, **options(loss_type, 11))
+    swapped = dpo_loss(pr, pc, rr, rc, beta=0.3, loss_type=loss_type, **options(loss_type, 11))
     torch.testing.assert_close(swapped.margins, -out.margins, rtol=0, atol=1e-12)
     torch.testing.assert_close(swapped.chosen_rewards, out.rejected_rewards, rtol=0, atol=0)
     assert out.accuracy.item() + swapped.accuracy.item() == pytest.approx(1.0)  # no exact ties here
@@ -157,11 +170,74 @@ def test_extreme_margins_stay_finite():
     torch.testing.assert_close(out.losses, torch.tensor([500.0, 4500.0]))
 
 
-def test_needs_average():
-    assert needs_average("ipo")
-    assert not any(needs_average(t) for t in ("sigmoid", "robust", "hinge"))
-    with pytest.raises(ValueError, match="known: sigmoid, robust, hinge, ipo"):
+def test_needs_average_and_reference():
+    assert [t for t in LOSS_TYPES if needs_average(t)] == ["ipo", "sigmoid_norm", "simpo", "orpo"]
+    assert [t for t in LOSS_TYPES if not needs_reference(t)] == list(REFERENCE_FREE) == ["simpo", "cpo", "orpo"]
+    with pytest.raises(ValueError, match="known: sigmoid, robust, hinge, ipo, sigmoid_norm, exo_pair"):
         needs_average("kto")
+
+
+def test_simpo_matches_the_paper():
+    # eq. 6 with the averages a_w, a_l: -log σ(β (a_w - a_l) - γ), written with plain sigmoid and log
+    pc, pr, _, _ = random_logps(8, seed=2, scale=0.05)
+    pc.requires_grad_()
+    for beta, gamma in ((2.0, 0.5), (0.1, 1.0), (2.5, 0.0)):
+        out = dpo_loss(pc, pr, None, None, loss_type="simpo", beta=beta, simpo_gamma=gamma)
+        want = -torch.log(torch.sigmoid(beta * (pc - pr) - gamma))
+        torch.testing.assert_close(out.losses, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.chosen_rewards, beta * pc.detach(), rtol=0, atol=0)
+        assert out.metrics == {}  # plain SimPO adds no NLL (cpo_alpha defaults to 0 for it)
+
+
+def test_orpo_matches_the_paper_and_stays_finite_near_zero():
+    # odds = P / (1 - P) with P = exp(average log-prob); L = NLL - λ log σ(log odds_w - log odds_l)
+    pc = torch.tensor([-0.1, -1.5, -4.0, -1e-9], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-0.2, -0.9, -8.0, -50.0], dtype=torch.float64)
+    nll = torch.tensor([0.5, 1.0, 2.0, 0.0], dtype=torch.float64)
+    out = dpo_loss(pc, pr, None, None, loss_type="orpo", beta=0.25, chosen_nll=nll)
+    p_w, p_l = pc.exp(), pr.exp()
+    log_odds = torch.log(p_w / (1 - p_w)) - torch.log(p_l / (1 - p_l))
+    torch.testing.assert_close(out.losses[:3], (nll - 0.25 * torch.log(torch.sigmoid(log_odds)))[:3],
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.metrics["log_odds_chosen"][:3], log_odds.detach()[:3], rtol=1e-9, atol=1e-12)
+    out.loss.backward()
+    assert torch.isfinite(out.losses).all() and torch.isfinite(pc.grad).all()
+    # a near-certain chosen reply (P_w = 1 - 1e-9): log odds_w ~ 20.7, log odds_l ~ -50, log σ(70.7) ~ 0
+    assert out.metrics["log_odds_ratio"][3].item() == pytest.approx(0.0, abs=1e-12)
+    # a certain one (average log-prob exactly 0, as fp32 rounds a confident reply): finite, no NaN
+    pc32 = torch.tensor([0.0, -0.5], requires_grad=True)
+    certain = dpo_loss(pc32, torch.tensor([-1.0, -1.0]), None, None, loss_type="orpo", chosen_nll=torch.zeros(2))
+    certain.loss.backward()
+    assert torch.isfinite(certain.losses).all() and torch.isfinite(pc32.grad).all()
+
+
+def test_nll_terms_and_their_weights():
+    pc, pr, rc, rr = random_logps(6, seed=12)
+    nll = torch.rand(6, dtype=torch.float64)
+    plain = dpo_loss(pc, pr, rc, rr)
+    rpo = dpo_loss(pc, pr, rc, rr, rpo_alpha=0.5, chosen_nll=nll)
+    torch.testing.assert_close(rpo.losses, plain.losses + 0.5 * nll, rtol=1e-12, atol=0)
+    assert torch.equal(rpo.metrics["nll_loss"], nll) and plain.metrics == {}
+    cpo = dpo_loss(pc, pr, None, None, loss_type="cpo", chosen_nll=nll)  # cpo_alpha defaults to 1
+    bare = dpo_loss(pc, pr, None, None, loss_type="cpo", cpo_alpha=0.0)
+    torch.testing.assert_close(cpo.losses, bare.losses + nll, rtol=1e-12, atol=0)
+    cpo_simpo = dpo_loss(pc, pr, None, None, loss_type="simpo", cpo_alpha=0.3, chosen_nll=nll)
+    simpo = dpo_loss(pc, pr, None, None, loss_type="simpo")
+    torch.testing.assert_close(cpo_simpo.losses, simpo.losses + 0.3 * nll, rtol=1e-12, atol=0)
+    assert [nll_weight(t) for t in ("sigmoid", "cpo", "simpo", "orpo")] == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_batch_nll_is_the_mean_per_chosen_token():
+    # chosen replies of 2, 5 and 1 tokens: the NLL per token of the batch is (sum of NLLs) / 8
+    sums = torch.tensor([-3.0, -10.0, -0.5], dtype=torch.float64)
+    tokens = torch.tensor([2, 5, 1])
+    terms = batch_nll(sums, tokens)
+    assert terms.mean().item() == pytest.approx(13.5 / 8)
+    torch.testing.assert_close(batch_nll(sums / tokens, tokens, average=True), terms)
+    # a micro-batch of a bigger step: its terms are scaled by the step's pairs and tokens
+    part = batch_nll(sums[:2], tokens[:2], pairs=3, tokens=8)
+    assert (part.sum().item() + batch_nll(sums[2:], tokens[2:], pairs=3, tokens=8).sum().item()) / 3 == \
+        pytest.approx(13.5 / 8)
 
 
 def test_bad_arguments_raise():
@@ -180,9 +256,30 @@ def test_bad_arguments_raise():
         dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(pc, pr, rc, rr, label_smoothing=0.6)
-    for loss_type in ("hinge", "ipo"):
+    for loss_type in ("hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "sigmoid_norm"):
         with pytest.raises(ValueError, match="not defined"):
             dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=0.1)
+    for loss_type in ("orpo",):
+        with pytest.raises(ValueError, match="not defined"):
+            dpo_loss(pc, pr, None, None, loss_type=loss_type, label_smoothing=0.1, chosen_nll=pc)
+    with pytest.raises(ValueError, match="exo_pair needs label_smoothing > 0"):
+        dpo_loss(pc, pr, rc, rr, loss_type="exo_pair")
+    with pytest.raises(ValueError, match="uses no reference"):
+        dpo_loss(pc, pr, rc, rr, loss_type="simpo")
+    with pytest.raises(ValueError, match="ref_chosen must be a floating-point tensor, got NoneType"):
+        dpo_loss(pc, pr, None, None, loss_type="sigmoid")
+    with pytest.raises(ValueError, match="simpo_gamma is SimPO's margin"):
+        dpo_loss(pc, pr, rc, rr, simpo_gamma=1.0)
+    with pytest.raises(ValueError, match="cpo_alpha weighs the NLL of cpo and simpo.*use rpo_alpha"):
+        dpo_loss(pc, pr, rc, rr, cpo_alpha=1.0)
+    with pytest.raises(ValueError, match="rpo_alpha is for the losses with a reference.*cpo_alpha"):
+        dpo_loss(pc, pr, None, None, loss_type="cpo", rpo_alpha=1.0)
+    with pytest.raises(ValueError, match="pass chosen_nll"):
+        dpo_loss(pc, pr, None, None, loss_type="cpo")
+    with pytest.raises(ValueError, match="chosen_nll has shape"):
+        dpo_loss(pc, pr, None, None, loss_type="orpo", chosen_nll=pc[:2])
+    with pytest.raises(ValueError, match="cpo_alpha, rpo_alpha >= 0"):
+        dpo_loss(pc, pr, rc, rr, rpo_alpha=-1.0, chosen_nll=pc)
     with pytest.raises(ValueError, match="shape"):
         empty = torch.zeros(0)
         dpo_loss(empty, empty, empty, empty)

@@ -90,9 +90,10 @@ def micro_batches(pairs, sizes, pad_id):
     return out
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_grad_accum_4x1_equals_1x4(world, tmp_path, full):
-    config = make_config(world, tmp_path / "out", full=full)
+@pytest.mark.parametrize("full, loss", [(False, "sigmoid"), (True, "sigmoid"), (False, "orpo")])
+def test_grad_accum_4x1_equals_1x4(world, tmp_path, full, loss):
+    # orpo: its NLL is per chosen token of the whole step, however the step is split
+    config = make_config(world, tmp_path / "out", full=full, loss=loss)
     tokenizer = load_tokenizer(world / "model")
     pairs, _ = T.prepare_data(config, tokenizer)
     model, reference = T.build_models(config, world / "model", torch.device("cpu"), torch.float32)
@@ -109,7 +110,8 @@ def test_grad_accum_4x1_equals_1x4(world, tmp_path, full):
         scale = g.abs().max().item()
         assert scale > 0, name
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6 * scale, msg=name)
-    for key in T.DPO_SUMS:
+    assert metrics[0].keys() == metrics[1].keys() >= set(T.DPO_SUMS)
+    for key in metrics[0]:
         torch.testing.assert_close(metrics[1][key], metrics[0][key], rtol=1e-5, atol=1e-6)
 
 
@@ -262,6 +264,76 @@ def test_sigterm_checkpoints_and_resumes(straight, tmp_path):
     assert_same_run(config.out, reference_out)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Reference-free losses (simpo, cpo, orpo): no reference model, no reference pass.
+
+def count_passes(monkeypatch) -> dict:
+    """Counts every forward of a minidpo Mistral (each goes through `hidden_states`) and every
+    reference pass or adapters-off switch of the loop."""
+    from minidpo.model import Mistral
+
+    counts = {"forward": 0, "reference": 0, "adapters_off": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(Mistral, "hidden_states", counting("forward", Mistral.hidden_states))
+    monkeypatch.setattr(T, "reference_logps", counting("reference", T.reference_logps))
+    monkeypatch.setattr(T, "lora_disabled", counting("adapters_off", T.lora_disabled))
+    return counts
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_reference_free_run_has_no_reference_pass(world, tmp_path, monkeypatch, full):
+    counts = count_passes(monkeypatch)
+    settings = dict(full=full, max_steps=3, eval_fraction=0.25, eval_every=2, lr=1e-3 if full else 1e-2,
+                    ref_cache_dir=str(tmp_path / "cache"))
+    T.train(make_config(world, tmp_path / "dpo", **settings))
+    dpo = dict(counts)
+    counts.update(forward=0, reference=0, adapters_off=0)
+    summary = T.train(make_config(world, tmp_path / "orpo", loss="orpo", beta=0.2, **settings))
+    # 3 steps of 1 micro-batch and 2 evals of 1 micro-batch: DPO runs the policy and the reference each time
+    assert dpo == {"forward": 2 * 5, "reference": 5, "adapters_off": 0 if full else 5}
+    assert counts == {"forward": 5, "reference": 0, "adapters_off": 0}
+    assert summary["reference_computed"] == 0 and not (tmp_path / "cache").exists()
+    rows = records(tmp_path / "orpo")
+    train, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval/loss" in r]
+    orpo_keys = {"nll_loss", "log_odds_ratio", "log_odds_chosen"}
+    assert all(set(r) == TRAIN_KEYS | orpo_keys for r in train)
+    assert all(set(r) == EVAL_KEYS | {f"eval/{k}" for k in orpo_keys} for r in evals) and len(evals) == 2
+    # ORPO's loss is the NLL per chosen token minus beta x mean log σ(log odds ratio)
+    for r in train:
+        assert r["loss"] == pytest.approx(r["nll_loss"] - 0.2 * r["log_odds_ratio"], rel=1e-5)
+        assert r["rewards/chosen"] == pytest.approx(0.2 * r["logps/chosen"], rel=1e-5)  # beta x average log-prob
+    _, reference = T.build_models(make_config(world, tmp_path / "x", full=full, loss="simpo"), world / "model",
+                                  torch.device("cpu"), torch.float32)
+    assert reference is None  # not even a full fine-tune keeps a copy
+
+
+@pytest.fixture(scope="module")
+def straight_orpo(world, tmp_path_factory):
+    """The `straight` run with the reference-free ORPO loss."""
+    out = tmp_path_factory.mktemp("straight-orpo") / "out"
+    config = make_config(world, out, loss="orpo", max_steps=5, grad_accum=2, lora_dropout=0.1, warmup_ratio=0.2)
+    T.train(config)
+    return config, out
+
+
+def test_reference_free_resume_after_kill_is_identical(straight_orpo, tmp_path):
+    config, reference_out = straight_orpo
+    config = dataclasses.replace(config, out=str(tmp_path / "out"), save_every=2)
+    child = start_child(config, at=4, how="kill")
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, err
+    assert [p.name for p in T.checkpoints(Path(config.out))] == ["step-2"]
+    T.train(dataclasses.replace(config, resume=True))
+    assert_same_run(config.out, reference_out)
+    assert "nll_loss" in train_records(config.out)[0]
+
+
 def test_nan_loss_stops_naming_the_step(world, tmp_path, monkeypatch):
     real, calls = T.dpo_loss, [0]
 
@@ -396,6 +468,22 @@ def test_full_final_is_a_model_folder(world, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Configuration and command line.
 
+def test_reference_free_config_and_cli(world, tmp_path):
+    simpo = make_config(world, tmp_path, loss="simpo", simpo_gamma=1.2, beta=2.0)
+    assert (T.reference_mode(simpo), simpo.cpo_alpha) == (None, 0.0)  # plain SimPO: no NLL
+    cpo = make_config(world, tmp_path, loss="cpo")
+    assert (T.reference_mode(cpo), cpo.cpo_alpha) == (None, 1.0)  # TRL's CPOConfig default
+    assert make_config(world, tmp_path).cpo_alpha == 0.0
+    for config in (simpo, cpo, make_config(world, tmp_path, loss="simpo", cpo_alpha=0.3, label_smoothing=0.1)):
+        assert T.parse_config(T.config_argv(config)) == config
+    parsed = T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--loss", "orpo", "--beta", "0.25"])
+    assert (parsed.loss, parsed.beta, T.reference_mode(parsed)) == ("orpo", 0.25, None)
+    text = T.build_parser().format_help()
+    assert "--simpo-gamma" in text and "--cpo-alpha" in text and "simpo, cpo, orpo use no reference" in text
+    with pytest.raises(SystemExit):
+        T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--loss", "simpo", "--reference", "copy"])
+
+
 def test_cli_round_trip(world, tmp_path):
     config = make_config(world, tmp_path, lora_targets=["q_proj", "v_proj"], full=False, beta=0.25,
                          loss="robust", label_smoothing=0.1, schedule="linear", grad_accum=2,
@@ -422,6 +510,14 @@ def test_cli_round_trip(world, tmp_path):
     (dict(loss="kto"), "loss='kto'"),
     (dict(full=True, reference="adapter-off"), "needs LoRA"),
     (dict(max_prompt_length=48), "max_prompt_length=48"),
+    (dict(loss="hinge", label_smoothing=0.1), "label_smoothing is not defined for loss_type 'hinge'"),
+    (dict(loss="ipo", label_smoothing=0.1), "label_smoothing is not defined for loss_type 'ipo'"),
+    (dict(loss="exo_pair"), "exo_pair needs label_smoothing > 0"),
+    (dict(loss="simpo", reference="copy"), "reference='copy': loss 'simpo' uses no reference"),
+    (dict(loss="orpo", reference="precomputed"), "reference='precomputed': loss 'orpo' uses no reference"),
+    (dict(simpo_gamma=1.0), "simpo_gamma is SimPO's margin"),
+    (dict(cpo_alpha=1.0), "cpo_alpha weighs the NLL of cpo and simpo"),
+    (dict(loss="cpo", rpo_alpha=0.5), "rpo_alpha is for the losses with a reference"),
 ])
 def test_config_validation(world, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -439,7 +535,8 @@ def test_main_dispatches_train_and_sft(capsys):
 
 
 def test_rpo_adds_the_chosen_per_token_nll(world, tmp_path):
-    # RPO (Pang et al. 2024): loss = DPO + alpha * NLL(chosen) / its tokens, computed here by hand.
+    # RPO as TRL computes it: loss = DPO + alpha * (NLL of the batch's chosen tokens / their number),
+    # computed here by hand; spread over the pairs as -alpha * NLL_i * pairs / tokens.
     config = make_config(world, tmp_path / "out")
     tokenizer = load_tokenizer(world / "model")
     pairs, _ = T.prepare_data(config, tokenizer)
@@ -451,6 +548,9 @@ def test_rpo_adds_the_chosen_per_token_nll(world, tmp_path):
     labels = batch["labels"][:3, 1:]
     scored = labels != -100
     token_logp = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    nll = -(token_logp * scored).sum(-1) / scored.sum(-1)
-    torch.testing.assert_close(rpo.losses.double(), plain.losses.double() + 0.5 * nll, rtol=1e-5, atol=1e-6)
-    assert rpo.loss.item() == pytest.approx(rpo.losses.mean().item())
+    nll = -(token_logp * scored).sum(-1)
+    torch.testing.assert_close(rpo.losses.double(), plain.losses.double() + 0.5 * nll * 3 / scored.sum(),
+                               rtol=1e-5, atol=1e-6)
+    assert rpo.loss.item() == pytest.approx(plain.loss.item() + 0.5 * nll.sum().item() / scored.sum().item(),
+                                            rel=1e-5)
+    assert rpo.metrics["nll_loss"].mean().item() == pytest.approx(nll.sum().item() / scored.sum().item(), rel=1e-5)
