@@ -1,6 +1,6 @@
 """Training runs users can watch: TensorBoard, Weights & Biases and trackio (`--report-to`).
 
-    check_report_to(names) -> list     the names validated, each tool's package found (not imported)
+    check_report_to(names) -> list     the names validated, each tool's package imported
     open_trackers(config, out, step)   -> Trackers: rank 0's trackers, opened at the resume point
     Trackers.log(record)               one metrics.jsonl record to every tracker (a context: closes)
 
@@ -21,7 +21,7 @@ what a tracker lacks up to the checkpoint is replayed from metrics.jsonl.
                  `minidpo`; a resumed run is rewritten from metrics.jsonl, then continues
 """
 import dataclasses
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -33,22 +33,25 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
+MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio"}  # what a tool imports
 PROJECT = "minidpo"  # W&B (unless WANDB_PROJECT is set) and trackio project
 
 
 def check_report_to(names) -> list[str]:
-    """-> the `--report-to` names (commas split, order kept); ValueError names an unknown tool, or the
-    package to install for a known one that is missing. `none` alone means no tracker."""
+    """-> the `--report-to` names (commas split, repeats dropped); ValueError names an unknown tool, or
+    the package to install for one that does not import. `none` alone means no tracker."""
     names = [n for item in ([names] if isinstance(names, str) else names) for n in str(item).split(",") if n]
     unknown = [n for n in names if n not in REPORT_TO]
     if unknown or not names:
         raise ValueError(f"TrainConfig.report_to={names!r}; choose from {list(REPORT_TO)} (several allowed)")
     if "none" in names and len(names) > 1:
         raise ValueError(f"TrainConfig.report_to={names!r}: 'none' cannot be combined with a tracker")
-    for name in names:
-        if name != "none" and importlib.util.find_spec(name) is None:
+    for name in (n for n in names if n != "none"):
+        try:
+            importlib.import_module(MODULES[name])
+        except ImportError as e:
             raise ValueError(f"--report-to {name} needs the `{name}` package: pip install {name} "
-                             f"(or pip install 'minidpo[{name}]')")
+                             f"(or pip install 'minidpo[{name}]'); importing {MODULES[name]} failed: {e}") from e
     return list(dict.fromkeys(names))
 
 
@@ -83,6 +86,7 @@ class TensorBoard:
         self.held = step if any(folder.glob("events.out.tfevents.*")) else 0
         # A session starts at step + 1: TensorBoard drops older events at or after it (a killed run's).
         self.writer = SummaryWriter(str(folder), purge_step=self.held + 1)
+        logger.info("tensorboard: writing %s (view it: tensorboard --logdir %s)", folder, folder)
         if self.held == 0:
             self.writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```", 0)
 

@@ -24,16 +24,19 @@ TINY = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2)
 TOOLS = [name for name in ("tensorboard", "wandb", "trackio") if importlib.util.find_spec(name)]
 
+KEY = "minidpo-test-key-0123456789abcdef0123456789abcdef"  # a stand-in W&B key: never printed
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# `python -m minidpo train ARGS`, SIGKILLed as optimizer step KILL_AT begins when that is set.
+# `python -m minidpo train ARGS`, SIGKILLed as optimizer step KILL_AT begins when that is set, after a
+# second in which the trackers' background writers (trackio's: every 0.5 s) store what they were given.
 CHILD = textwrap.dedent("""
-    import importlib, os, signal, sys
+    import importlib, os, sys, time
     T = importlib.import_module("minidpo.train")
     kill_at, real, calls = int(os.environ.get("KILL_AT", "0")), T.dpo_step, [0]
     def step(*args, **kwargs):
         calls[0] += 1
         if calls[0] == kill_at:
+            time.sleep(1.0)
             os.kill(os.getpid(), 9)
         return real(*args, **kwargs)
     T.dpo_step = step
@@ -74,11 +77,12 @@ def tracked(tmp_path_factory):
                            max_length=48, batch_size=4, lr=1e-2, warmup_ratio=0.0, max_steps=5, lora_r=4,
                            lora_alpha=8.0, lora_dropout=0.0, eval_fraction=0.2, eval_every=2, save_every=2,
                            report_to=TOOLS or ["none"])
-    env = child_env(root)
+    env = {**child_env(root), "WANDB_API_KEY": KEY}
     for kill_at, argv in ((4, T.config_argv(config)), (0, T.config_argv(dataclasses.replace(config, resume=True)))):
         result = subprocess.run([sys.executable, "-c", CHILD, *argv], env={**env, "KILL_AT": str(kill_at)},
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == (-9 if kill_at else 0), result.stderr[-3000:]
+        assert KEY not in result.stdout + result.stderr
         if kill_at:
             assert [r["step"] for r in records(config.out) if "loss" in r] == [1, 2, 3]
     return config, Path(config.out), env
@@ -151,11 +155,13 @@ def test_trackio_store_equals_metrics_jsonl(tracked):
     require("trackio")
     _, out, env = tracked
     name = json.loads((out / "tracker_run.json").read_text())["name"]
-    read = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
-            "print(json.dumps([S.get_logs('minidpo', sys.argv[1]), S.get_run_config('minidpo', sys.argv[1])]))")
+    read = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; n = sys.argv[1]; "
+            "print(json.dumps([S.get_logs('minidpo', n), S.get_run_config('minidpo', n), "
+            "[r['name'] for r in S.get_run_records('minidpo')]]))")
     text = subprocess.run([sys.executable, "-c", read, name], env=env, capture_output=True, text=True,
                           check=True, timeout=120).stdout
-    logs, run_config = json.loads(text.splitlines()[-1])
+    logs, run_config, names = json.loads(text.splitlines()[-1])
+    assert names == [name]  # one run: the killed process's rows were replaced, not left beside it
     seen = [{k: v for k, v in row.items() if k != "timestamp"} for row in logs]
     expected = [{**scalars(r), "step": r["step"]} for r in records(out)]
     assert sorted(seen, key=lambda r: r["step"]) == expected
@@ -172,11 +178,18 @@ def test_report_to_is_validated_before_anything_loads(tmp_path, monkeypatch):
         T.TrainConfig(**base, report_to=["comet"])
     with pytest.raises(ValueError, match="cannot be combined"):
         T.TrainConfig(**base, report_to=["none", "wandb"])
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    imported = []
+
+    def fake_import(name, *args):  # wandb missing, the others "installed"
+        if name == "wandb":
+            raise ModuleNotFoundError("No module named 'wandb'")
+        imported.append(name)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
     with pytest.raises(ValueError, match=r"--report-to wandb needs the `wandb` package: pip install wandb"):
         T.TrainConfig(**base, report_to=["tensorboard,wandb"])
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # every tool "installed"
+    assert imported == ["torch.utils.tensorboard"]  # the module the writer needs, not just a name
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: None)  # every tool "installed"
     config = T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--report-to", "tensorboard", "wandb,trackio"])
     assert config.report_to == ["tensorboard", "wandb", "trackio"]
     assert T.parse_config(T.config_argv(config)).report_to == config.report_to
