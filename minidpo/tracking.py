@@ -33,7 +33,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
-MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio"}  # what a tool imports
+MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio"}  # what each imports
 PROJECT = "minidpo"  # W&B (unless WANDB_PROJECT is set) and trackio project
 
 
@@ -66,8 +66,8 @@ def run_identity(out: Path) -> dict:
     file = out / "tracker_run.json"
     if file.is_file():
         return json.loads(file.read_text())
-    identity = {"id": secrets.token_hex(4), "name": f"{out.resolve().name}-"}
-    identity["name"] += identity["id"]
+    run_id = secrets.token_hex(4)
+    identity = {"id": run_id, "name": f"{out.resolve().name}-{run_id}"}
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(json.dumps(identity) + "\n")
     os.replace(tmp, file)
@@ -95,7 +95,7 @@ class TensorBoard:
             self.writer.add_scalar(key, value, record["step"], new_style=True, double_precision=True)
         self.writer.flush()  # a checkpoint never runs ahead of the events on disk
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -114,7 +114,7 @@ class WandB:
                               id=identity["id"], resume="allow", dir=str(out), mode=mode,
                               config=dataclasses.asdict(config), reinit="create_new")
         if mode == "online":
-            self.held = self.run.step - 1 if self.run.resumed else 0  # the server's count
+            self.held = max(self.run.step - 1, 0) if self.run.resumed else 0  # the server's count
         else:  # offline W&B knows nothing of the earlier folders: read what they hold
             self.held = max((row["step"] for f in earlier for row in wandb_history(f)), default=0)
         if self.held > step:
@@ -125,8 +125,8 @@ class WandB:
         if record["step"] > self.held:
             self.run.log(scalars(record), step=record["step"])
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else None)  # a run that raised shows as failed
 
 
 def wandb_history(folder: Path) -> list[dict]:
@@ -161,7 +161,7 @@ class Trackio:
     def log(self, record: dict) -> None:
         self.run.log(scalars(record), step=record["step"])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.run.finish()
 
 
@@ -178,16 +178,16 @@ class Trackers:
         for tracker in self.trackers:
             tracker.log(record)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for tracker in self.trackers:
-            tracker.close()
+            tracker.close(failed)
         self.trackers = []
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, kind, *exc):
+        self.close(failed=kind is not None)
 
 
 def open_trackers(config, out: Path, step: int) -> Trackers:
