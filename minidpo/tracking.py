@@ -101,13 +101,13 @@ class TensorBoard:
 
 class WandB:
     def __init__(self, config, out: Path, step: int):
-        import wandb
-
         # Offline unless the user chose a mode: nothing is uploaded that was not asked for, not even
-        # W&B's error reports.
+        # W&B's error reports (read when wandb-core starts).
         mode = os.environ.get("WANDB_MODE") or "offline"
         if mode in ("offline", "dryrun", "disabled"):
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        import wandb
+
         identity = run_identity(out)
         earlier = sorted((out / "wandb").glob(f"*run-*-{identity['id']}"))
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=identity["name"],
@@ -196,10 +196,9 @@ def open_trackers(config, out: Path, step: int) -> Trackers:
     out = Path(out)
     opened = Trackers([TOOLS[name](config, out, step) for name in config.report_to if name != "none"])
     file = out / "metrics.jsonl"
-    if opened.trackers and step and file.is_file():
-        for line in file.read_text().splitlines():
-            record = json.loads(line) if line.strip() else None
-            for tracker in opened.trackers:
-                if record and tracker.held < record["step"] <= step:
-                    tracker.log(record)
+    lines = file.read_text().splitlines() if opened.trackers and step and file.is_file() else []
+    for record in (json.loads(line) for line in lines if line.strip()):
+        for tracker in opened.trackers:
+            if tracker.held < record["step"] <= step:
+                tracker.log(record)
     return opened
