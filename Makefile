@@ -20,13 +20,16 @@ $(VENV)/.test: $(VENV)/.base requirements-test.txt
 	# mistral-common ships Mistral-7B's SentencePiece model for the tokenizer tests;
 	# --no-deps because its declared numpy pin conflicts with ours.
 	$(PIP) --no-deps mistral-common==1.13.1
+	# trackio (a --report-to tracker; its other dependencies are pinned in requirements-test.txt):
+	# --no-deps because it declares pillow<13 and runs with our pillow 13.0.
+	$(PIP) --no-deps trackio==0.43.0
 	touch $@
 
 demo: $(VENV)/.base
 	$(PY) -m minidpo demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests  # -rs: say why each skipped test was skipped
 
 clean:
 	rm -rf $(VENV) runs

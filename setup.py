@@ -19,8 +19,12 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece"],
+        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece", "tensorboard", "wandb",
+                 "trackio"],
         "plot": ["matplotlib"],
         "parquet": ["pyarrow"],
+        "tensorboard": ["tensorboard"],  # --report-to tensorboard (torch.utils.tensorboard's writer)
+        "wandb": ["wandb"],
+        "trackio": ["trackio"],
     },
 )

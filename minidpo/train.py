@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minidpo import distributed
+from minidpo import distributed, tracking
 from minidpo.checkpoint import download_folder, load_model, save_model
 from minidpo.data import IGNORE_INDEX, batches, collate, load_pairs, subset, tokenize_pairs
 from minidpo.distributed import Dist, grad_sync, share
@@ -81,7 +81,7 @@ CHOICES = {"mode": MODES, "loss": LOSS_TYPES, "schedule": SCHEDULES, "reference"
            "dtype": DTYPES, "template": ("",) + tuple(TEMPLATES), "prefix_attention": ("sdpa", "flex")}
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE_CHANGES = ("resume", "save_every", "keep_checkpoints", "log_every", "eval_every", "device",
-                     "dist_timeout")
+                     "dist_timeout", "report_to")
 REF_FLUSH_PAIRS = 4096  # precomputed references are written to the cache this many pairs at a time
 ONE = Dist()  # a one-process run
 
@@ -138,6 +138,7 @@ class TrainConfig:
     template: str = ""  # built-in chat template to use instead of the model folder's own
     log_every: int = 1  # without a terminal, log a line every N steps
     dist_timeout: float = 1800.0  # torchrun: seconds a collective waits for the other processes before the job ends
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # trackers fed metrics.jsonl: tensorboard, wandb, trackio (several) or none
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):
@@ -146,6 +147,7 @@ class TrainConfig:
             self.lora_targets = [t for t in self.lora_targets.split(",") if t]
         self.lora_targets = [t for item in self.lora_targets for t in str(item).split(",") if t]
         self.data, self.model, self.out = [str(d) for d in self.data], str(self.model), str(self.out)
+        self.report_to = tracking.check_report_to(self.report_to)
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; choose one of {list(choices)}")
@@ -951,12 +953,13 @@ def _train(config: TrainConfig, d: Dist) -> dict:
     metrics_file = out / "metrics.jsonl"
     if d.main:
         truncate_metrics(metrics_file, state.step)
+    trackers = tracking.open_trackers(config, out, state.step) if d.main else tracking.Trackers()
     last_checkpoint = found[-1] if found else None
     step_fn = dpo_step if config.mode == "dpo" else sft_step
     summary = {"status": "finished", "out": str(out), "reference_computed": computed,
                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
     progress = Progress(total, state.step, config.log_every, show=d.main)
-    with StopSignals() as stop:
+    with StopSignals() as stop, trackers:
         while state.step < total:
             epoch, position = divmod(state.step, steps_per_epoch)
             if state.order_epoch != epoch:
@@ -979,11 +982,13 @@ def _train(config: TrainConfig, d: Dist) -> dict:
             record = step_record(state, values, steps_per_epoch, time.perf_counter() - start)
             if d.main:
                 append_metrics(metrics_file, record)
+                trackers.log(record)
             progress.update(record, step_tokens)
             if eval_pairs and (state.step == total or (config.eval_every and state.step % config.eval_every == 0)):
                 results = evaluate(model, reference, eval_pairs, config, tokenizer.pad_id, device, ref_eval, d)
                 if d.main:
                     append_metrics(metrics_file, {"step": state.step, **results})
+                    trackers.log({"step": state.step, **results})
                 logger.info("eval at step %d: %s", state.step, json.dumps(results))
             if stopped or (config.save_every and state.step % config.save_every == 0):
                 last_checkpoint = save_checkpoint(out, model, optimizer, scheduler, state,

@@ -4,6 +4,7 @@ fine-tunes, a run killed mid-way and resumed; shared precomputed references; a d
 ending the job."""
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -167,11 +168,13 @@ def test_gradients_are_reduced_once_per_step_not_per_micro_batch(world, tmp_path
 def test_sft_matches_one_process(world, tmp_path):
     config = make_config(world, tmp_path / "one", mode="sft", batch_size=2, grad_accum=1, epochs=1)
     T.train(config)
-    two = dataclasses.replace(config, out=str(tmp_path / "two"))
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # rank 0 alone writes trackers' files
+    two = dataclasses.replace(config, out=str(tmp_path / "two"), report_to=["tensorboard" if tensorboard else "none"])
     check_ran(torchrun(two))
     assert_same_records(records(config.out), records(two.out))
     adapter = "final/adapter_model.safetensors"
     assert_same_tensors(load_file(f"{config.out}/{adapter}"), load_file(f"{two.out}/{adapter}"))
+    assert len(list(Path(two.out).glob("tensorboard/events.out.tfevents.*"))) == (1 if tensorboard else 0)
 
 
 def test_reference_free_orpo_matches_one_process(world, tmp_path):
