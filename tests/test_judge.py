@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from minidpo.__main__ import main
-from minidpo.judge import (JUDGMENTS_FILE, SUMMARY_FILE, JudgeError, JudgeUnavailable, _retry_after,
-                           answers_in_prompt, build_messages, combine_orders, judge_pairwise,
+from minidpo.judge import (JUDGMENTS_FILE, SUMMARY_FILE, JudgeError, JudgeUnavailable, RequestFailed,
+                           _retry_after, answers_in_prompt, build_messages, combine_orders, judge_pairwise,
                            markdown_table, openai_judge, parse_verdict, read_judgments, summarize)
 from minidpo.questions import (MT_BENCH_FILE, MT_BENCH_REPO, Question, load_answers, load_questions,
                                load_references)
@@ -141,15 +141,32 @@ def marker_policy(n, body):
     return ("reply", "After comparing them: " + ("[[A]]" if MARK in first else "[[B]]"))
 
 
+class FakeTime:
+    """A clock that only the judge's waits move: retries cost no real time and every wait is recorded."""
+
+    def __init__(self, on_sleep=None):
+        self.now, self.sleeps, self.on_sleep, self.lock = 0.0, [], on_sleep, threading.Lock()
+
+    def sleep(self, seconds):
+        with self.lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+        if self.on_sleep:
+            self.on_sleep()
+
+    def clock(self):
+        return self.now
+
+
 def no_sleep(seconds):
     pass
 
 
-def judge_for(server, **kw):
+def judge_for(server, time_=None, **kw):
+    time_ = time_ or FakeTime()
     kw.setdefault("api_key", "k")
-    kw.setdefault("sleep", no_sleep)
     kw.setdefault("timeout", 5.0)
-    return openai_judge("stand-in-judge", server.url, **kw)
+    return openai_judge("stand-in-judge", server.url, sleep=time_.sleep, clock=time_.clock, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,12 +350,12 @@ def test_transient_faults_are_retried_with_backoff(stand_in):
               ("status", 503, {}, "unavailable"),
               ("reply", "fine. [[B]]")]
     server = stand_in(lambda n, body: script[n])
-    sleeps = []
-    judge = judge_for(server, timeout=0.25, backoff=0.5, max_backoff=3.0, sleep=sleeps.append)
+    fake = FakeTime()
+    judge = judge_for(server, fake, timeout=0.25, backoff=0.5, max_backoff=3.0)
     assert judge([{"role": "user", "content": "hi"}]) == "fine. [[B]]"
     assert server.count == len(script)
     # Retry-After honoured, then backoff 0.5 * 2**attempt capped at 3
-    assert sleeps == [7.0, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert fake.sleeps == [7.0, 1.0, 2.0, 3.0, 3.0, 3.0]
 
 
 def test_retry_after_forms():
@@ -348,53 +365,86 @@ def test_retry_after_forms():
     assert _retry_after("not a date") is None
 
 
-def test_client_errors_are_not_retried_and_persistent_faults_give_up(stand_in):
-    server = stand_in(lambda n, body: ("status", 400, {}, '{"error": "bad model"}'))
-    with pytest.raises(JudgeError, match="HTTP 400") as info:
+def test_errors_that_fit_a_request_are_raised_for_that_request(stand_in):
+    """400 (e.g. a turn-2 prompt over the context length): this request failed, no retry; a fault
+    that outlives every retry: this request failed, marked transient; key, model or URL wrong: stop."""
+    server = stand_in(lambda n, body: ("status", 400, {}, '{"error": "maximum context length exceeded"}'))
+    with pytest.raises(RequestFailed, match="HTTP 400: .*context length") as info:
         judge_for(server)([{"role": "user", "content": "x"}])
-    assert not isinstance(info.value, JudgeUnavailable) and server.count == 1
+    assert (info.value.kind, info.value.transient, server.count) == ("http_400", False, 1)
     server = stand_in(lambda n, body: ("status", 502, {}, "bad gateway"))
-    sleeps = []
-    with pytest.raises(JudgeUnavailable, match="after 4 attempts"):
-        judge_for(server, max_retries=3, sleep=sleeps.append, backoff=1.0)([{"role": "user", "content": "x"}])
-    assert server.count == 4 and sleeps == [1.0, 2.0, 4.0]
+    fake = FakeTime()
+    with pytest.raises(RequestFailed, match="failed 4 attempts; last: HTTP 502") as info:
+        judge_for(server, fake, max_retries=3, backoff=1.0)([{"role": "user", "content": "x"}])
+    assert (info.value.kind, info.value.transient) == ("http_502", True)
+    assert server.count == 4 and fake.sleeps == [1.0, 2.0, 4.0]
+    for code, hint in [(401, "rejected the API key: HTTP 401: .*OPENAI_API_KEY"),
+                       (403, "rejected the API key: HTTP 403"),
+                       (404, "HTTP 404: .*is the model 'stand-in-judge' served there\\? --judge-base-url")]:
+        server = stand_in(lambda n, body: ("status", code, {}, '{"error": "nope"}'))
+        with pytest.raises(JudgeError, match=hint):
+            judge_for(server)([{"role": "user", "content": "x"}])
+        assert server.count == 1  # never retried
 
 
-def test_no_verdict_is_asked_again_then_recorded_as_error(tmp_path, stand_in):
+def test_no_verdict_is_recorded_and_reasked_only_sampled(tmp_path, stand_in):
+    """A reply without a verdict is not asked again with the identical greedy request: it is recorded
+    as `no_verdict` (the default, as FastChat does), or re-asked with a sampled temperature."""
     questions = make_questions(3)
     mute, slow = questions[0].turns[0], questions[1].turns[0]
-    asks_per_prompt = {}
+    temperatures = {}
 
     def policy(n, body):
         text = body["messages"][1]["content"]
-        key = text
-        asks_per_prompt[key] = asks_per_prompt.get(key, 0) + 1
+        asks = temperatures.setdefault(text, [])
+        asks.append(body["temperature"])
         if mute in text:
             return ("reply", "I cannot decide between them.")
-        if slow in text and asks_per_prompt[key] <= 2:  # verdict only at the third ask
+        if slow in text and len(asks) <= 2:  # a verdict only at the third ask
             return ("reply", "Hmm.")
         return ("reply", "[[A]]")
 
     server = stand_in(policy)
     q, a, b = write_inputs(tmp_path, questions)
-    s = judge_pairwise(q, a, b, judge_for(server), tmp_path / "out", max_reasks=3)
+    s = judge_pairwise(q, a, b, judge_for(server), tmp_path / "greedy")
+    assert server.count == 12 and s["error_kinds"] == {"no_verdict": 8}  # mute and slow: 4 + 4 requests
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (0, 2, 0, 4)
+    assert judge_pairwise(q, a, b, judge_for(server), tmp_path / "greedy") == s and server.count == 12
+    temperatures.clear()
+    s = judge_pairwise(q, a, b, judge_for(server), tmp_path / "out", max_reasks=3, reask_temperature=0.9)
     records = {(r["question_id"], r["turn"], r["order"]): r for r in log_lines(tmp_path / "out")}
     mute_id, slow_id = questions[0].question_id, questions[1].question_id
     for turn in (1, 2):
         for order in ("AB", "BA"):
             bad, late = records[(mute_id, turn, order)], records[(slow_id, turn, order)]
-            assert (bad["verdict"], bad["winner"], bad["asks"]) == (None, "error", 4)
+            assert (bad["verdict"], bad["winner"], bad["error"], bad["asks"]) == (None, "error", "no_verdict", 4)
             assert bad["judgment"] == "I cannot decide between them."
-            assert (late["verdict"], late["asks"]) == ("A", 3)
-    assert server.count == 4 * 4 + 4 * 3 + 4 * 1
+            assert (late["verdict"], late["asks"], late["error"]) == ("A", 3, None)
+    # the first ask greedy, every re-ask sampled: no request is sent twice
+    assert sorted(map(tuple, temperatures.values())) == sorted([(0.0, 0.9, 0.9, 0.9)] * 4 + [(0.0, 0.9, 0.9)] * 4
+                                                               + [(0.0,)] * 4)
+    assert server.count == 12 + 4 * 4 + 4 * 3 + 4 * 1
     # errors are counted apart: never ties, never in the rates' denominator
     assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (0, 4, 0, 2)
-    assert s["question_turns"] == 6 and s["adjusted_win_rate"] == 0.5
+    assert s["question_turns"] == 6 and s["adjusted_win_rate"] == 0.5 and s["error_kinds"] == {"no_verdict": 4}
     assert s["per_category"][questions[0].category]["errors"] == 2
-    # --retry-errors asks again for those only
-    server2 = stand_in(always("[[C]]"))
+    before = server.count
+    judge_pairwise(q, a, b, judge_for(server), tmp_path / "out", max_reasks=3)
+    assert server.count == before  # a rerun repeats nothing: those replies are final for this key
+    judge_pairwise(q, a, b, judge_for(server), tmp_path / "out", max_reasks=4)
+    assert server.count == before + 4  # one more sampled re-ask allowed: asked, for those units only
+    server2 = stand_in(always("[[C]]"))  # retry_errors asks them again from the start
     s2 = judge_pairwise(q, a, b, judge_for(server2), tmp_path / "out", retry_errors=True)
     assert server2.count == 4 and s2["errors"] == 0 and s2["ties"] == 6
+    # a plain callable takes no temperature: it is never re-asked
+    calls = []
+
+    def mute_callable(messages):
+        calls.append(messages)
+        return "no idea"
+
+    judge_pairwise(q, a, b, mute_callable, tmp_path / "callable", max_reasks=3, give_up_after=0)
+    assert len(calls) == 12
 
 
 def test_resume_after_crash_asks_only_for_missing_verdicts(tmp_path, stand_in):
@@ -409,26 +459,28 @@ def test_resume_after_crash_asks_only_for_missing_verdicts(tmp_path, stand_in):
     questions = make_questions(5)
     q, a, b = write_inputs(tmp_path, questions, marked_a={(100, 1), (102, 2)}, marked_b={(103, 1)})
     out = tmp_path / "out"
-    with pytest.raises(JudgeUnavailable):
-        judge_pairwise(q, a, b, judge_for(server, max_retries=2), out)
-    assert len(log_lines(out)) == 7 and not (out / SUMMARY_FILE).exists()
-    assert server.count == 7 + 3
+    with pytest.raises(JudgeUnavailable, match="4 requests in a row failed through all their retries"):
+        judge_pairwise(q, a, b, judge_for(server, max_retries=2), out, give_up_after=4)
+    lines = log_lines(out)  # 7 verdicts, then 4 units that failed 3 attempts each, recorded as such
+    assert [r["error"] for r in lines] == [None] * 7 + ["http_503"] * 4 and not (out / SUMMARY_FILE).exists()
+    assert server.count == 7 + 4 * 3
     with open(out / JUDGMENTS_FILE, "ab") as f:  # the process died while writing a line
         f.write(b'{"question_id": 104, "turn": 2, "ord')
-    assert len(read_judgments(out / JUDGMENTS_FILE)) == 7
+    assert len(read_judgments(out / JUDGMENTS_FILE)) == 11
     healthy["on"] = True
     before = server.count
     s = judge_pairwise(q, a, b, judge_for(server), out)
-    assert server.count - before == 20 - 7
+    assert server.count - before == 20 - 7  # the 4 failed and the 9 never asked
     lines = log_lines(out)  # every line parses: the torn one was cut before appending
-    assert len(lines) == 20 and len({(r["question_id"], r["turn"], r["order"]) for r in lines}) == 20
-    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (2, 7, 1, 0)
+    verdicts = [(r["question_id"], r["turn"], r["order"]) for r in lines if r["error"] is None]
+    assert len(lines) == 24 and len(verdicts) == len(set(verdicts)) == 20
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (2, 7, 1, 0) and s["error_kinds"] == {}
     before = server.count
     assert judge_pairwise(q, a, b, judge_for(server), out) == s
     assert server.count == before  # nothing left to ask
 
 
-def test_existing_log_of_other_models_is_refused(tmp_path, stand_in):
+def test_log_of_other_models_is_refused_other_judges_are_judged_anew(tmp_path, stand_in):
     server = stand_in(always("[[C]]"))
     questions = make_questions(1)
     q, a, b = write_inputs(tmp_path, questions)
@@ -436,10 +488,12 @@ def test_existing_log_of_other_models_is_refused(tmp_path, stand_in):
     c = write_jsonl(tmp_path / "c.jsonl", answer_rows("model-c", questions))
     with pytest.raises(ValueError, match=r"judgments.jsonl:1: judges 'model-a' vs 'model-b'"):
         judge_pairwise(q, a, c, judge_for(server), tmp_path / "out")
-    other_judge = openai_judge("another-judge", server.url, sleep=no_sleep)
-    with pytest.raises(ValueError, match=r"judgments.jsonl:1: verdict of judge 'openai:stand-in-judge'"):
-        judge_pairwise(q, a, b, other_judge, tmp_path / "out")
     assert server.count == 4
+    # another judge is part of the key: its verdicts are asked for, the old ones stay in the log unused
+    other = stand_in(always("[[A]]"))
+    s = judge_pairwise(q, a, b, openai_judge("another-judge", other.url, sleep=no_sleep), tmp_path / "out")
+    assert other.count == 4 and (s["ties"], s["judge"]) == (2, "openai:another-judge")
+    assert len(log_lines(tmp_path / "out")) == 8
 
 
 def test_workers_give_the_same_verdicts(tmp_path, stand_in):
@@ -714,18 +768,26 @@ def test_cli_unreachable_judge_exits_nonzero_keeping_verdicts(tmp_path, stand_in
     server = stand_in(lambda n, body: ("reply", "[[C]]") if n < 3 else ("status", 503, {}, "overloaded"))
     q, a, b = write_inputs(tmp_path, make_questions(3))
     out = tmp_path / "out"
-    assert main(cli_args(q, a, b, out, server.url, "--max-retries", "2", "--no-progress")) == 1
+    stop = ["--max-retries", "2", "--give-up-after", "4", "--no-progress"]
+    assert main(cli_args(q, a, b, out, server.url, *stop)) == 1
     err = capsys.readouterr().err
-    assert "unreachable after 3 attempts" in err and "HTTP 503" in err and "3 verdict(s) kept" in err
-    assert len(log_lines(out)) == 3 and not (out / SUMMARY_FILE).exists()
+    assert "4 requests in a row failed" in err and "HTTP 503" in err and "7 record(s) kept" in err
+    assert [r["error"] for r in log_lines(out)] == [None] * 3 + ["http_503"] * 4
+    assert not (out / SUMMARY_FILE).exists()
     # nothing listens on a port just closed: refused connections are faults too
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    assert main(cli_args(q, a, b, out, f"http://127.0.0.1:{port}/v1", "--max-retries", "1")) == 1
+    assert main(cli_args(q, a, b, out, f"http://127.0.0.1:{port}/v1", "--max-retries", "1", *stop[2:])) == 1
     err = capsys.readouterr().err
-    assert "unreachable after 2 attempts" in err and "connection failed" in err and "3 verdict(s) kept" in err
-    assert len(log_lines(out)) == 3
+    assert "failed 2 attempts; last: connection failed" in err and "11 record(s) kept" in err
+    assert [r["error"] for r in log_lines(out)][7:] == ["connection"] * 4
+    # a judge that stays down on fewer requests than --give-up-after: the run completes, errors listed
+    assert main(cli_args(q, a, b, out, server.url, "--max-retries", "0", "--no-progress")) == 0
+    captured = capsys.readouterr()
+    assert "warning: 9 request(s) failed (http_503 9); run the same command again" in captured.err
+    assert "Failed requests by kind: http_503 9." in captured.out
+    assert json.loads((out / SUMMARY_FILE).read_text())["error_kinds"] == {"http_503": 9}
 
 
 def test_api_key_is_sent_but_never_shown(tmp_path, stand_in, monkeypatch, capfd):
@@ -746,12 +808,16 @@ def test_api_key_is_sent_but_never_shown(tmp_path, stand_in, monkeypatch, capfd)
     assert main(cli_args(q, a, b, tmp_path / "out401", rejecting.url)) == 1
     # a judge that stays down, with the key in every error body
     down = stand_in(lambda n, body: ("status", 503, {}, echo))
-    assert main(cli_args(q, a, b, tmp_path / "out503", down.url, "--max-retries", "1")) == 1
+    assert main(cli_args(q, a, b, tmp_path / "out503", down.url, "--max-retries", "1", "--give-up-after", "3")) == 1
+    # a request refused with the key in the body: recorded, with the key cut out
+    bad = stand_in(lambda n, body: ("status", 400, {}, echo))
+    assert main(cli_args(q, a, b, tmp_path / "out400", bad.url)) == 0
+    assert all("***" in r["detail"] for r in log_lines(tmp_path / "out400"))
     captured = capfd.readouterr()
     assert "HTTP 401" in captured.err and "***" in captured.err
     assert_no_secret(captured.out, captured.err, folder=tmp_path)
     judge = openai_judge("m", down.url, max_retries=0, sleep=no_sleep)
-    with pytest.raises(JudgeUnavailable) as info:
+    with pytest.raises(RequestFailed) as info:
         judge([{"role": "user", "content": "x"}])
     assert_no_secret(repr(judge), str(judge), str(info.value), repr(info.value))
     # the whole command in a fresh interpreter, as a user runs it
