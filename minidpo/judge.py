@@ -433,13 +433,13 @@ def _record(unit, names, *, verdict=None, text=None, asks=0, error=None, detail=
 
 
 class _Watch:
-    """When a run stops at once: its first `n` replies all without a verdict (the judge or prompt set
-    cannot work), or `n` requests in a row failing through all their retries (the judge is down).
+    """When a run stops at once: its first `n` replies all without a verdict, and none in the log (the
+    judge or prompt set cannot work), or `n` requests in a row failing through all their retries (the judge is down).
     Workers report to it as they finish, so the one that decides stops the others taking more."""
 
-    def __init__(self, n, judge, failed):
+    def __init__(self, n, judge, failed, parsed):
         self.n, self.judge, self.failed, self.lock = n, judge, failed, threading.Lock()
-        self.replies, self.parsed, self.down, self.stop = 0, False, 0, None
+        self.replies, self.parsed, self.down, self.stop = 0, parsed, 0, None
 
     def see(self, record, transient):
         with self.lock:
@@ -475,7 +475,8 @@ def _run_units(units, judge, log_path, latest, names, *, workers, max_asks, temp
     from tqdm import tqdm
 
     failed, errors = threading.Event(), Counter()
-    watch = _Watch(give_up_after, names["judge"], failed)
+    # a judge with verdicts in the log can give them: re-asking its hard cases is no reason to stop
+    watch = _Watch(give_up_after, names["judge"], failed, any(r["winner"] != "error" for r in latest.values()))
 
     def work(unit):
         if failed.is_set():  # the run is stopping: do not spend another request
@@ -780,7 +781,7 @@ def markdown_table(summary):
         + list(summary.get("per_category", {}).items())
     lines += [_row(n, s) for n, s in rows]
     if summary.get("error_kinds"):
-        lines += ["", f"Failed requests by kind: {_error_note(summary['error_kinds'])}."]
+        lines += ["", f"Requests without a verdict, by kind: {_error_note(summary['error_kinds'])}."]
     if summary.get("pending"):
         lines += ["", f"{summary['pending']} question turn(s) not judged in both orders yet."]
     return "\n".join(lines)
@@ -856,8 +857,9 @@ def cli(argv, command="judge"):
     if failed:
         print(f"warning: {sum(failed.values())} request(s) failed ({_error_note(failed)}); run the same "
               f"command again to ask for them again (see {log_path})", file=sys.stderr)
-    if summary["error_kinds"].get("no_verdict"):
-        print(f"warning: {summary['error_kinds']['no_verdict']} repl(ies) held no verdict and count as "
-              f"errors (--max-reasks N re-asks them sampled)", file=sys.stderr)
+    unparsed = summary["error_kinds"].get("no_verdict", 0)
+    if unparsed:
+        print(f"warning: {unparsed} judge repl{'y' if unparsed == 1 else 'ies'} held no verdict and count as "
+              f"errors (--max-reasks N re-asks with a sampled temperature)", file=sys.stderr)
     print(f"wrote {Path(args.out) / SUMMARY_FILE}", file=sys.stderr)
     return 0

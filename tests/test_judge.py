@@ -643,7 +643,7 @@ def test_a_scripted_server_run_completes_and_a_rerun_asks_only_the_failed(tmp_pa
     assert main(cli_args(q, a, b, out, server.url, "--workers", "3")) == 0
     captured = capsys.readouterr()
     assert server.count == before and markdown_table(s2) in captured.out
-    assert "1 repl(ies) held no verdict" in captured.err
+    assert "1 judge reply held no verdict" in captured.err
     assert_no_secret(captured.out, captured.err, err, folder=tmp_path)
     assert any("***" in (r["detail"] or "") for r in records)  # the echoed key, cut out
 
@@ -680,6 +680,9 @@ def test_a_judge_that_never_gives_a_verdict_stops_the_run(tmp_path, stand_in):
     mixed = stand_in(lambda n, body: ("reply", "[[C]]" if n == 1 else "hmm"))
     s = judge_pairwise(q, a, b, judge_for(mixed), tmp_path / "mixed", give_up_after=3)
     assert mixed.count == 16 and s["error_kinds"] == {"no_verdict": 15}
+    # nor when a rerun re-asks its hard cases: the log shows it can give verdicts
+    s = judge_pairwise(q, a, b, judge_for(mixed), tmp_path / "mixed", give_up_after=3, max_reasks=2)
+    assert mixed.count == 16 + 15 * 2 and s["error_kinds"] == {"no_verdict": 15}
 
 
 def test_regenerated_answers_are_judged_again_unchanged_ones_are_not(tmp_path, stand_in):
@@ -1179,7 +1182,7 @@ def test_cli_unreachable_judge_exits_nonzero_keeping_verdicts(tmp_path, stand_in
     assert main(cli_args(q, a, b, out, server.url, "--max-retries", "0", "--no-progress")) == 0
     captured = capsys.readouterr()
     assert "warning: 9 request(s) failed (http_503 9); run the same command again" in captured.err
-    assert "Failed requests by kind: http_503 9." in captured.out
+    assert "Requests without a verdict, by kind: http_503 9." in captured.out
     assert json.loads((out / SUMMARY_FILE).read_text())["error_kinds"] == {"http_503": 9}
 
 
