@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidpo.judge_prompts import PromptSet, load_prompts
+from minidpo.judge_prompts import load_prompts
 from minidpo.questions import (REFERENCE_CATEGORIES, Answer, Question, load_answers, load_questions,
                                parse_answer, parse_question)
 
@@ -101,8 +101,7 @@ def build_messages(question, turn, first, second, prompts=None):
     Returns `[{"role": "system", ...}, {"role": "user", ...}]`."""
     if turn not in (1, 2) or turn > len(question.turns):
         raise ValueError(f"question {question.question_id!r} has no turn {turn}")
-    prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
-    return prompt_set.messages(turn, question.turns, first, second, _reference_for(question, turn))
+    return load_prompts(prompts).messages(turn, question.turns, first, second, _reference_for(question, turn))
 
 
 def answers_in_prompt(messages):
@@ -262,7 +261,7 @@ def openai_judge(model, base_url=DEFAULT_BASE_URL, *, api_key=None, timeout=120.
                 if attempt < max_retries:
                     wait = e.retry_after if e.retry_after is not None else min(max_backoff, backoff * 2 ** attempt)
                     pause.hold(wait) if e.kind in ("http_429", "http_503") else sleep(wait)
-        raise RequestFailed(last.kind, f"judge at {url} failed {max_retries + 1} attempts; last: {last}",
+        raise RequestFailed(last.kind, f"judge at {url}: {max_retries + 1} attempt(s) failed; last: {last}",
                             transient=True)
 
     ask.judge_name = f"openai:{model}"

@@ -403,10 +403,15 @@ def test_errors_that_fit_a_request_are_raised_for_that_request(stand_in):
     assert (info.value.kind, info.value.transient, server.count) == ("http_400", False, 1)
     server = stand_in(lambda n, body: ("status", 502, {}, "bad gateway"))
     fake = FakeTime()
-    with pytest.raises(RequestFailed, match="failed 4 attempts; last: HTTP 502") as info:
+    with pytest.raises(RequestFailed, match=r"4 attempt\(s\) failed; last: HTTP 502") as info:
         judge_for(server, fake, max_retries=3, backoff=1.0)([{"role": "user", "content": "x"}])
     assert (info.value.kind, info.value.transient) == ("http_502", True)
     assert server.count == 4 and fake.sleeps == [1.0, 2.0, 4.0]
+    for action, kind in [(("sleep", 0.5, "[[A]]"), "timeout"), (("drop",), "connection"), (("garbage",), "bad_reply")]:
+        server = stand_in(lambda n, body: action)
+        with pytest.raises(RequestFailed, match=r"1 attempt\(s\) failed") as info:
+            judge_for(server, max_retries=0, timeout=0.2)([{"role": "user", "content": "x"}])
+        assert info.value.kind == kind
     for code, hint in [(401, "rejected the API key: HTTP 401: .*OPENAI_API_KEY"),
                        (403, "rejected the API key: HTTP 403"),
                        (404, "HTTP 404: .*is the model 'stand-in-judge' served there\\? --judge-base-url")]:
@@ -1176,7 +1181,7 @@ def test_cli_unreachable_judge_exits_nonzero_keeping_verdicts(tmp_path, stand_in
         port = sock.getsockname()[1]
     assert main(cli_args(q, a, b, out, f"http://127.0.0.1:{port}/v1", "--max-retries", "1", *stop[2:])) == 1
     err = capsys.readouterr().err
-    assert "failed 2 attempts; last: connection failed" in err and "11 record(s) kept" in err
+    assert "2 attempt(s) failed; last: connection failed" in err and "11 record(s) kept" in err
     assert [r["error"] for r in log_lines(out)][7:] == ["connection"] * 4
     # a judge that stays down on fewer requests than --give-up-after: the run completes, errors listed
     assert main(cli_args(q, a, b, out, server.url, "--max-retries", "0", "--no-progress")) == 0
