@@ -216,22 +216,43 @@ def _post_chat(url, body, key, timeout, model):
     return _reply_text(raw, key)
 
 
-class _SharedPause:
-    """One pause for every worker of a judge: a 429 or 503 seen by one holds them all until the
-    server's Retry-After (or the backoff) has passed, instead of each worker hammering on alone."""
+class _Throttle:
+    """What every thread of one judge shares: a pause (a 429's or 503's Retry-After, or the backoff)
+    and a limit on requests in flight, halved when the server pushes back and raised by one after four
+    times as many answers. N workers so settle at what the server takes, instead of each hammering on alone or
+    all of them firing again together when a pause ends."""
 
     def __init__(self, sleep, clock):
-        self.sleep, self.clock, self.until, self.lock = sleep, clock, 0.0, threading.Lock()
+        self.sleep, self.clock, self.cond = sleep, clock, threading.Condition()
+        self.until, self.limit, self.in_flight, self.answered = 0.0, float("inf"), 0, 0
 
-    def hold(self, seconds):
-        with self.lock:
-            self.until = max(self.until, self.clock() + seconds)
-
-    def wait(self):
-        with self.lock:
+    def __enter__(self):
+        with self.cond:
             delay = self.until - self.clock()
         if delay > 0:
             self.sleep(delay)
+        with self.cond:
+            while self.in_flight >= self.limit:
+                self.cond.wait()
+            self.in_flight += 1
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.in_flight -= 1
+            self.cond.notify()
+
+    def answered_ok(self):
+        with self.cond:
+            self.answered += 1
+            if self.answered >= 4 * self.limit:  # probe upwards slowly: each 429 pauses everyone
+                self.limit, self.answered = self.limit + 1, 0
+                self.cond.notify()
+
+    def push_back(self, seconds):
+        with self.cond:
+            if self.clock() >= self.until:  # once per pause: a burst of 429s is one signal
+                self.limit, self.answered = max(1, min(self.limit, self.in_flight + 1) // 2), 0
+            self.until = max(self.until, self.clock() + seconds)
 
 
 def openai_judge(model, base_url=DEFAULT_BASE_URL, *, api_key=None, timeout=120.0, max_retries=6,
@@ -242,25 +263,28 @@ def openai_judge(model, base_url=DEFAULT_BASE_URL, *, api_key=None, timeout=120.
     dropped connections and malformed replies are retried up to `max_retries` times, waiting the
     server's `Retry-After` when given and `backoff * 2**attempt` seconds (at most `max_backoff`)
     otherwise, through `sleep` (injectable for tests); a 429 or 503 pauses every thread using this
-    judge. Then, and at once for other 4xx, `RequestFailed`; 401/403/404 raise `JudgeError`. The key
+    judge and halves the requests they keep in flight (raised again as answers come). Then, and at once for other 4xx, `RequestFailed`; 401/403/404 raise `JudgeError`. The key
     comes from `api_key` or `OPENAI_API_KEY` (none: no Authorization header) and appears in no message.
     """
     key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     url = base_url.rstrip("/") + "/chat/completions"
-    pause = _SharedPause(sleep, clock)
+    throttle = _Throttle(sleep, clock)
 
     def ask(messages, temperature=0.0):
         body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
                            "max_tokens": max_tokens}).encode("utf-8")
         for attempt in range(max_retries + 1):
-            pause.wait()
-            try:
-                return _post_chat(url, body, key, timeout, model)
-            except _Transient as e:
-                last = e
-                if attempt < max_retries:
-                    wait = e.retry_after if e.retry_after is not None else min(max_backoff, backoff * 2 ** attempt)
-                    pause.hold(wait) if e.kind in ("http_429", "http_503") else sleep(wait)
+            with throttle:
+                try:
+                    text = _post_chat(url, body, key, timeout, model)
+                except _Transient as e:
+                    last = e
+                else:
+                    throttle.answered_ok()
+                    return text
+            if attempt < max_retries:
+                wait = last.retry_after if last.retry_after is not None else min(max_backoff, backoff * 2 ** attempt)
+                throttle.push_back(wait) if last.kind in ("http_429", "http_503") else sleep(wait)
         raise RequestFailed(last.kind, f"judge at {url}: {max_retries + 1} attempt(s) failed; last: {last}",
                             transient=True)
 

@@ -673,6 +673,31 @@ def test_workers_back_off_together_on_429(tmp_path, stand_in):
     assert min(w for n, w in waited.items() if n >= 2) >= 0.55, waited
 
 
+def test_a_429_halves_the_requests_in_flight_and_answers_raise_them_again():
+    """The limit every worker of a judge shares: one halving per pause (a burst of 429s is one
+    signal), then one more request in flight after four times as many answers."""
+    from minidpo.judge import _Throttle
+
+    fake = FakeTime()
+    throttle = _Throttle(fake.sleep, fake.clock)
+    for _ in range(5):
+        throttle.__enter__()  # five requests in flight, no limit yet
+    throttle.__exit__(None, None, None)  # one comes back 429
+    throttle.push_back(2.0)
+    throttle.__exit__(None, None, None)  # a second 429 of the same burst
+    throttle.push_back(2.0)
+    assert (throttle.limit, throttle.until) == (2, 2.0)  # min(inf, 4 + 1) // 2, halved once
+    for _ in range(3):
+        throttle.__exit__(None, None, None)
+    throttle.__enter__()  # waits out the pause first
+    assert fake.sleeps == [2.0] and throttle.in_flight == 1
+    for _ in range(8):
+        throttle.answered_ok()
+    assert throttle.limit == 3
+    throttle.push_back(1.0)  # the pause is over: a new signal halves again
+    assert throttle.limit == 1
+
+
 def test_a_judge_that_never_gives_a_verdict_stops_the_run(tmp_path, stand_in):
     server = stand_in(always("Both answers look fine to me."))
     q, a, b = write_inputs(tmp_path, make_questions(4))
