@@ -218,9 +218,9 @@ def _post_chat(url, body, key, timeout, model):
 
 class _Throttle:
     """What every thread of one judge shares: a pause (a 429's or 503's Retry-After, or the backoff)
-    and a limit on requests in flight, halved when the server pushes back and raised by one after four
-    times as many answers. N workers so settle at what the server takes, instead of each hammering on alone or
-    all of them firing again together when a pause ends."""
+    and a limit on requests in flight, halved when the server pushes back and raised by one after
+    four times as many answers. N workers so settle at what the server takes, instead of each
+    hammering on alone or all of them firing again together when a pause ends."""
 
     def __init__(self, sleep, clock):
         self.sleep, self.clock, self.cond = sleep, clock, threading.Condition()
@@ -262,9 +262,10 @@ def openai_judge(model, base_url=DEFAULT_BASE_URL, *, api_key=None, timeout=120.
     Greedy (temperature 0) unless called with `temperature=`. HTTP 408/429/5xx, timeouts, refused or
     dropped connections and malformed replies are retried up to `max_retries` times, waiting the
     server's `Retry-After` when given and `backoff * 2**attempt` seconds (at most `max_backoff`)
-    otherwise, through `sleep` (injectable for tests); a 429 or 503 pauses every thread using this
-    judge and halves the requests they keep in flight (raised again as answers come). Then, and at once for other 4xx, `RequestFailed`; 401/403/404 raise `JudgeError`. The key
-    comes from `api_key` or `OPENAI_API_KEY` (none: no Authorization header) and appears in no message.
+    otherwise, through `sleep` and `clock` (injectable for tests); a 429 or 503 pauses every thread
+    using this judge and halves the requests they keep in flight (raised again as answers come).
+    Then, and at once for other 4xx, `RequestFailed`; 401/403/404 raise `JudgeError`. The key comes
+    from `api_key` or `OPENAI_API_KEY` (none: no Authorization header) and appears in no message.
     """
     key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     url = base_url.rstrip("/") + "/chat/completions"
@@ -282,9 +283,11 @@ def openai_judge(model, base_url=DEFAULT_BASE_URL, *, api_key=None, timeout=120.
                 else:
                     throttle.answered_ok()
                     return text
-            if attempt < max_retries:
-                wait = last.retry_after if last.retry_after is not None else min(max_backoff, backoff * 2 ** attempt)
-                throttle.push_back(wait) if last.kind in ("http_429", "http_503") else sleep(wait)
+            wait = last.retry_after if last.retry_after is not None else min(max_backoff, backoff * 2 ** attempt)
+            if last.kind in ("http_429", "http_503"):
+                throttle.push_back(wait)  # the next request of every thread waits it out
+            elif attempt < max_retries:
+                sleep(wait)
         raise RequestFailed(last.kind, f"judge at {url}: {max_retries + 1} attempt(s) failed; last: {last}",
                             transient=True)
 
