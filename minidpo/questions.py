@@ -14,6 +14,7 @@ An answer file (FastChat's `gen_model_answer.py` output, and ours from `python -
 Only `choices[0]` is read, as FastChat's judge does. Any line that is not a JSON object with these
 fields raises `ValueError` naming the file and the line number.
 """
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ class Question:
     turns: tuple[str, ...]
     reference: tuple[str, ...] | None = None
     source: str = field(default="", compare=False)  # "file:line", for error messages
+    reference_source: tuple[str, str] | None = field(default=None, compare=False)  # (file name, sha256)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def parse_question(obj, where):
 def load_questions(path_or_name, *, references=None):
     """Questions from a JSONL file, or the 80 MT-Bench questions for the name `"mt-bench"`.
 
-    `references` (a FastChat answers file, or the dict `load_references` returns) replaces the
+    `references` (a FastChat answers file, "fastchat", or the dict `load_references` returns) replaces the
     questions' own `reference` field where it has an entry. Returns a list in file order.
     """
     if str(path_or_name) == "mt-bench":
@@ -176,15 +178,26 @@ def load_answers(path):
     return answers
 
 
+def _references_path(path):
+    if str(path) == "fastchat":
+        from minidpo.judge_prompts import fetch_fastchat  # only this name needs the download
+        return fetch_fastchat("references")
+    return Path(path)
+
+
 def load_references(path):
-    """Reference answers from a FastChat answers file (e.g. FastChat's `reference_answer/gpt-4.jsonl`):
-    `{question_id: (turn-1 reference, turn-2 reference)}`."""
-    return {qid: a.turns for qid, a in load_answers(path).items()}
+    """Reference answers from a FastChat answers file (e.g. FastChat's `reference_answer/gpt-4.jsonl`),
+    or "fastchat" for that file at the pinned commit: `{question_id: (turn-1 reference, turn-2 ...)}`."""
+    return {qid: a.turns for qid, a in load_answers(_references_path(path)).items()}
 
 
 def with_references(questions, references):
-    """Questions with `reference` taken from `references` (a path or `{question_id: turns}`) where given."""
+    """Questions with `reference` taken from `references` (a path, "fastchat", or `{question_id:
+    turns}`) where given; each such question records `(file name, SHA-256)` as its reference_source."""
+    source = None
     if not isinstance(references, dict):
-        references = load_references(references)
-    return [replace(q, reference=tuple(references[q.question_id])) if q.question_id in references else q
-            for q in questions]
+        path = _references_path(references)
+        references = load_references(path)
+        source = (path.name, hashlib.sha256(path.read_bytes()).hexdigest())
+    return [replace(q, reference=tuple(references[q.question_id]), reference_source=source)
+            if q.question_id in references else q for q in questions]

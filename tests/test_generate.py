@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_hf_mistral, write_tokenizer_folder
 from minidpo.generate import (answer_questions, chat_reply, cli, generate, next_token_probs, read_answered,
-                              sample_next)
+                              sample_next, weights_fingerprint)
 from minidpo.model import Mistral, MistralConfig
 from minidpo.questions import load_answers
 from minidpo.tokenizer import load_tokenizer
@@ -238,7 +238,9 @@ def test_answers_in_fastchat_format_and_turn2_sees_turn1(chat, tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines == records and len(lines) == 3
     for q, r in zip(QUESTIONS, lines):
-        assert set(r) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert set(r) == {"question_id", "answer_id", "model_id", "choices", "tstamp", "generation"}
+        assert r["generation"] == {"weights": weights_fingerprint(model), "tokenizer": r["generation"]["tokenizer"],
+                                   "max_new_tokens": 6, "temperature": 0.0}  # greedy: no seed, no top_p
         assert r["question_id"] == q["question_id"] and r["model_id"] == "tiny"
         assert isinstance(r["answer_id"], str) and isinstance(r["tstamp"], float)
         assert r["choices"] == [{"index": 0, "turns": expected_answers(model, tok, q, 6)}]
@@ -274,7 +276,8 @@ def test_resume_skips_answered_and_drops_a_cut_line(chat, tmp_path):
     assert new[0]["choices"] == full[1]["choices"]  # greedy: resuming changes no answer
     text = out.read_text()
     assert text.startswith(lines[0] + lines[2]) and text.count("\n") == 3
-    assert answer_questions(model, tok, QUESTIONS, model_id="tiny", out_path=out, progress=False) == []
+    assert answer_questions(model, tok, QUESTIONS, model_id="tiny", out_path=out, max_new_tokens=4,
+                            progress=False) == []
 
 
 def test_answers_file_of_another_model_or_bad_line_is_refused(tmp_path):
@@ -288,6 +291,40 @@ def test_answers_file_of_another_model_or_bad_line_is_refused(tmp_path):
         read_answered(out, "tiny")
     out.write_text(json.dumps({**record, "model_id": "tiny"}))  # whole record, newline missing: kept
     assert read_answered(out, "tiny") == {1} and out.read_text().endswith("}\n")
+
+
+def test_answers_are_keyed_by_weights_and_settings(chat, tmp_path):
+    """A rerun resumes only answers of the same weights, tokenizer and sampling settings; any other
+    key is refused with the fields that differ, before anything is generated."""
+    model, tok = chat
+    out = tmp_path / "answers.jsonl"
+    kw = dict(model_id="tiny", out_path=out, max_new_tokens=4, progress=False)
+    answer_questions(model, tok, QUESTIONS[:2], **kw)
+    assert len(answer_questions(model, tok, QUESTIONS, **kw)) == 1  # same key: resumes, answers q3 only
+    before = out.read_bytes()
+    other = tiny(vocab_size=len(tok), window=16, seed=2)  # same shapes, other weights
+    stepped = tiny(vocab_size=len(tok), window=16, seed=1)  # the same weights after a tiny update
+    with torch.no_grad():
+        stepped.model.layers[1].mlp.down_proj.weight.add_(1e-6 * torch.randn(64, 96))
+    cases = [(other, {}, r"weights '[0-9a-f]+ -> '[0-9a-f]+"), (stepped, {}, r"weights "),
+             (model, {"max_new_tokens": 5}, r"max_new_tokens 4 -> 5\)"),
+             (model, {"temperature": 0.7}, r"seed None -> 0; temperature 0.0 -> 0.7; top_p None -> 1.0\)"),
+             (model, {"temperature": "mt-bench"}, r"temperature 0.0 -> 'mt-bench'")]
+    for net, change, message in cases:
+        calls = spy(net)
+        with pytest.raises(ValueError, match=r"answers.jsonl:1: answered with other weights or settings \(.*"
+                           + message):
+            answer_questions(net, tok, QUESTIONS, **{**kw, **change})
+        assert calls == [] and out.read_bytes() == before  # refused before any decoding, file untouched
+        del net.hidden_states
+    from minidpo.lora import apply_lora
+    adapted = apply_lora(tiny(vocab_size=len(tok), window=16, seed=1), r=2, alpha=4)
+    assert weights_fingerprint(adapted) != weights_fingerprint(model)  # adapters are part of the weights
+    # a file written without keys (another tool, an older minidpo) is refused too
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text(json.dumps({"question_id": 1, "model_id": "tiny", "choices": [{"turns": ["x", "y"]}]}) + "\n")
+    with pytest.raises(ValueError, match=r"legacy.jsonl:1: an answer without a generation key"):
+        answer_questions(model, tok, QUESTIONS, **{**kw, "out_path": legacy})
 
 
 def test_mt_bench_temperatures_sample_per_category(chat, tmp_path):
