@@ -53,21 +53,31 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             sliding_window=None, rms_norm_eps=1e-5)
 
 
-def make_hf_mistral(folder=None, *, seed=0, max_shard_size=None, **overrides):
-    """A random `transformers` Mistral (eval mode); saved as an HF folder when `folder` is given."""
+def make_hf_model(family="mistral", folder=None, *, seed=0, max_shard_size=None, **overrides):
+    """A random `transformers` Mistral, Llama or Qwen2 (eval mode); saved as an HF folder when `folder`
+    is given. `TINY`'s sliding_window is not a Llama key and is dropped there."""
     import torch
-    from transformers import MistralConfig as HFConfig, MistralForCausalLM
+    import transformers
 
+    name = {"mistral": "Mistral", "llama": "Llama", "qwen2": "Qwen2"}[family]
+    keys = {**TINY, **overrides}
+    if family == "llama":
+        keys.pop("sliding_window", None)
     torch.manual_seed(seed)
-    config = HFConfig(**{**TINY, **overrides}, attn_implementation="eager")
-    model = MistralForCausalLM(config).eval()
-    with torch.no_grad():  # HF's init is small and leaves norms at 1: perturb them so tests see them
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.1 if "norm" in name else 0.02))
+    config = getattr(transformers, f"{name}Config")(**keys, attn_implementation="eager")
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    with torch.no_grad():  # HF's init is small and leaves norms at 1 and biases at 0: perturb them
+        for pname, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "norm" in pname else 0.02))
     if folder is not None:
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(folder, **kwargs)
     return model
+
+
+def make_hf_mistral(folder=None, *, seed=0, max_shard_size=None, **overrides):
+    """A random `transformers` Mistral (eval mode); saved as an HF folder when `folder` is given."""
+    return make_hf_model("mistral", folder, seed=seed, max_shard_size=max_shard_size, **overrides)
 
 
 @pytest.fixture
