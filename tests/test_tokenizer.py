@@ -274,11 +274,12 @@ def test_corrupt_model_file_names_the_file(tmp_path):
 # an OpenHermes-shaped folder: tokenizer.model + added_tokens.json + ChatML
 
 def _transformers_sentencepiece(folder, template):
-    """transformers' own SentencePiece tokenizer (legacy, as OpenHermes' config says) as the reference."""
+    """transformers' own SentencePiece tokenizer as the reference: legacy and adding <s> in tokenizer(text),
+    as OpenHermes' config says."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
     ref = SentencePieceBackend(vocab_file=str(folder / "tokenizer.model"), legacy=True, bos_token="<s>",
-                               eos_token="</s>", unk_token="<unk>")
+                               eos_token="</s>", unk_token="<unk>", special_tokens_pattern="bos")
     ref.add_tokens(["<|im_end|>", "<|im_start|>"], special_tokens=True)
     assert ref.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]) == [32000, 32001]
     ref.chat_template = template
@@ -319,10 +320,14 @@ def test_openhermes_chat_ids_match_transformers(openhermes_tok, openhermes_ref, 
     text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt)
     assert text == ref.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
     ids = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    # The BOS rule: ChatML writes no <s>, OpenHermes' config adds it, so minidpo starts with <s> as
+    # transformers' tokenizer(text) (FastChat's generation) does; its apply_chat_template(tokenize=True)
+    # (TRL's tokenisation of conversations) leaves it out.
+    assert ids == ref(text)["input_ids"]
     expected = ref.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    assert ids == expected["input_ids"]
+    assert ids == [1] + expected["input_ids"]
     added = {"<|im_end|>": 32000, "<|im_start|>": 32001, "<s>": 1, "</s>": 2, "<unk>": 0}
-    assert ids == _sentencepiece_by_span(sp, text, added)
+    assert ids == [1] + _sentencepiece_by_span(sp, text, added)
     assert ids.count(32000) == len(messages)  # every turn closed by one <|im_end|>
 
 
@@ -586,7 +591,8 @@ def test_added_tokens_from_tokenizer_config(tmp_path, sp):
     assert (tok.vocab_size, tok.eos_id, tok.eot_id) == (32002, 32000, 32000)
     assert tok.token_to_id("<|im_start|>") == 32001
     ids = tok.apply_chat_template(CONVERSATIONS["answered"], tokenize=True)
-    assert ids == _sentencepiece_by_span(sp, tok.apply_chat_template(CONVERSATIONS["answered"]),
+    assert ids[0] == tok.bos_id  # add_bos_token defaults to true for SentencePiece, as in transformers
+    assert ids[1:] == _sentencepiece_by_span(sp, tok.apply_chat_template(CONVERSATIONS["answered"]),
                                          {"<|im_end|>": 32000, "<|im_start|>": 32001})
     text = tok.decode(ids, skip_special_tokens=True)
     assert "<|im_start|>" in text and "<|im_end|>" not in text
