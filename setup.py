@@ -19,8 +19,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece"],
+        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece", "gguf"],
         "plot": ["matplotlib"],
+        "gguf": ["gguf>=0.10"],
         "parquet": ["pyarrow"],
     },
 )
