@@ -83,7 +83,8 @@ def metadata(reader) -> dict:
 # the model
 
 def model_config(meta: dict, names: set[str], where) -> MistralConfig:
-    """The config llama.cpp's keys describe, read as transformers reads a GGUF of that architecture."""
+    """The config llama.cpp's keys describe, read as transformers reads a GGUF of that architecture;
+    biases are there when the file has their tensors."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (minidpo reads "
@@ -125,18 +126,30 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def dequantize(t, dtype, chunk_bytes=1 << 24) -> torch.Tensor:
+    """One GGUF tensor as a `dtype` tensor, dequantized `chunk_bytes` of the file at a time (so the
+    fp32 temporaries stay small whatever the tensor's size)."""
+    from gguf import dequantize as reference
+
+    out = torch.empty(tuple(reversed(t.shape.tolist())), dtype=dtype)  # GGUF lists dims innermost first
+    data, flat = t.data.reshape(out.shape[0], -1) if out.dim() > 1 else t.data[None], out.view(-1, out.shape[-1])
+    step = max(1, chunk_bytes // max(1, data[0].nbytes))
+    for i in range(0, len(data), step):
+        # F32 comes back as a read-only view of the file: torch wants a writable chunk
+        flat[i:i + step] = torch.from_numpy(np.require(reference(data[i:i + step], t.tensor_type), np.float32, "W"))
+    return out
+
+
 def read_tensors(reader, config: MistralConfig, *, dtype, device, where):
     """Yield (HF name, tensor) for every tensor of the file, dequantized, Q/K rows restored."""
-    from gguf import dequantize
-
     for t in reader.tensors:
         if t.tensor_type.name not in TYPES:
             raise ValueError(f"{where}: tensor {t.name} is {t.tensor_type.name}; minidpo dequantizes "
                              f"{', '.join(TYPES)}")
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        w = dequantize(t, dtype)
         if config.model_type == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute(w, config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads)
-        yield hf_name(t.name), w.to(dtype=dtype, device=device)
+        yield hf_name(t.name), w.to(device)
 
 
 def load_gguf_model(path, *, dtype=None, device="cpu"):

@@ -30,8 +30,7 @@ ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "
 # transformers' defaults where they differ from the fields' below: they fill keys a config.json omits.
 FAMILY_DEFAULTS = {
     "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=131072),
-    "llama": dict(intermediate_size=11008, num_key_value_heads=None, max_position_embeddings=2048,
-                  rms_norm_eps=1e-6, sliding_window=None),
+    "llama": dict(intermediate_size=11008, num_key_value_heads=None, max_position_embeddings=2048, rms_norm_eps=1e-6),
     "qwen2": dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, rms_norm_eps=1e-6,
                   bos_token_id=None, eos_token_id=None),
 }

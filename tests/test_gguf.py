@@ -238,6 +238,34 @@ def test_byte_level_tokenizer_matches_transformers(hf_llama, tmp_path, pre):
     assert ours.decode(ours.encode(lines[3])) == lines[3]
 
 
+def test_full_fine_tune_of_a_gguf_writes_a_model_folder_with_its_tokenizer(tmp_path):
+    """`train(model=FILE.gguf, full=True)`: OUT/final is a Llama folder with the file's tokenizer as
+    tokenizer.json + tokenizer_config.json, read back the same by minidpo and transformers."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from minidpo.train import TrainConfig, train
+
+    folder = write_tokenizer_folder(tmp_path / "tok")
+    path = write_gguf(tmp_path / "base.gguf", make_hf_model("llama", **{**SHAPE, "vocab_size": 400}),
+                      qtype="Q8_0", tokenizer=_byte_level_tokenizer_keys(folder, "llama-bpe"))
+    rows = [{"prompt": f"What is {i} plus 30?", "chosen": f"The answer is {i + 30}.", "rejected": "pear."}
+            for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(TrainConfig(model=str(path), data=[str(tmp_path / "pairs.jsonl")], out=str(tmp_path / "run"), full=True,
+                      max_steps=1, batch_size=2, max_length=48, reference="precomputed",
+                      ref_cache_dir=str(tmp_path / "refs")))
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    ours, again = minidpo.load_tokenizer(path), minidpo.load_tokenizer(final)
+    theirs = PreTrainedTokenizerFast.from_pretrained(final)
+    for s in _corpus()[::5] + [ours.apply_chat_template(CHATS[1])]:
+        assert again.encode(s) == ours.encode(s) == theirs.encode(s), s
+    assert again.chat_template == ours.chat_template and again.eot_id == ours.eot_id
+    x = _tokens(V=400)
+    with torch.no_grad():
+        assert (AutoModelForCausalLM.from_pretrained(final)(x).logits - minidpo.load_model(final)(x)).abs().max() <= 1e-4
+
+
 def test_sentencepiece_tokenizer_from_gguf(tmp_path):
     """Mistral's tokenizer.model as a GGUF vocabulary (scores and token types), with OpenHermes' ChatML
     tokens: ids as SentencePiece's, with a "▁" before each span between special tokens as SentencePiece
