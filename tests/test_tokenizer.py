@@ -331,6 +331,19 @@ def test_openhermes_chat_ids_match_transformers(openhermes_tok, openhermes_ref, 
     assert ids.count(32000) == len(messages)  # every turn closed by one <|im_end|>
 
 
+def test_bos_rule_is_the_same_in_training_and_generation(openhermes_tok, template_folders):
+    """OpenHermes (ChatML writes no <s>, add_bos_token: true): training prompts and the prompts
+    generation decodes from start with one <s>, replies hold none; a folder without add_bos gets none."""
+    from minidpo.data import Pair, tokenize_pairs
+
+    messages = [{"role": "user", "content": "What is 12 plus 30?"}]
+    for tok, bos in ((openhermes_tok, 1), (load_tokenizer(template_folders["chatml"]), 0)):
+        [pair], _ = tokenize_pairs([Pair(messages, "42.", "41.", "test", 0)], tok, max_length=64)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)  # chat_reply's
+        assert pair.prompt_ids == prompt and prompt.count(tok.bos_id) == bos and (prompt[0] == tok.bos_id) == bos
+        assert tok.bos_id not in pair.chosen_ids + pair.rejected_ids
+
+
 def test_openhermes_plain_text_matches_transformers(openhermes_tok, openhermes_ref, corpus_lines):
     tok, ref = openhermes_tok, openhermes_ref
     for s in corpus_lines[::7] + ["<|im_start|>user\n  spaced <|im_end|>\n", "a<|im_end|>b</s><s>"]:
