@@ -31,6 +31,7 @@ CONFIGS = {
     "qwen2_window_off": ("qwen2", dict(use_sliding_window=False, sliding_window=5)),
     "qwen2_window_layer_1": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "qwen2_window_all": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
+    "qwen2_window_unused": ("qwen2", dict(use_sliding_window=True, sliding_window=3, max_window_layers=2)),
 }
 
 
@@ -125,7 +126,7 @@ def test_peft_adapters_both_ways(name, tmp_path):
         assert (ours - pm(x).logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama3_rope", "qwen2_window_all"])
+@pytest.mark.parametrize("name", ["llama3_rope", "qwen2_window_all", "qwen2_window_unused"])
 def test_prefix_sharing_and_fused_head_unchanged(name, tmp_path):
     """The packed prompt + chosen + rejected row gives the unshared log-probs (fp32, 1e-5)."""
     from test_prefix import SHAPES, random_pairs
