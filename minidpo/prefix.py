@@ -200,7 +200,7 @@ def packed_logps(model: nn.Module, batch: dict, *, average: bool = False) -> tor
     """
     ids, positions = batch["input_ids"], batch["position_ids"]
     build = packed_block_mask if batch.get("attention", "sdpa") == "flex" else packed_attention
-    mask = build(batch["segments"], positions, model.config.sliding_window)
+    mask = build(batch["segments"], positions, model.config.layer_window(0))  # every layer's (checked by the model)
     targets = (batch["labels_chosen"], batch["labels_rejected"])
     if type(model.lm_head) is nn.Linear:
         with _autocast(ids.device):

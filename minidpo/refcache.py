@@ -3,10 +3,10 @@
 The values depend on the base weights, the tokenisation and how log-probs are reduced, so they live
 in one folder per *key* naming exactly that:
 
-    weights         digest of the model folder's config.json and, per safetensors file, its name,
-                    size, header and 256 blocks of 4 KiB sampled evenly across its data (a different
-                    checkpoint of the same shapes, e.g. an SFT warm start, gets another digest
-                    without reading 14 GB)
+    weights         digest of the model folder's config.json and, per safetensors file (or the one
+                    .gguf file), its name, size, header and 256 blocks of 4 KiB sampled evenly across
+                    its data (a different checkpoint of the same shapes, e.g. an SFT warm start, gets
+                    another digest without reading 14 GB)
     tokenizer       digest of the tokenizer files plus the chat template's source
     max_length, max_prompt_length, average (IPO's per-token mean), dtype, device type
 
@@ -47,16 +47,19 @@ def default_root() -> Path:
 
 
 def _file_digest(h, path: Path) -> None:
-    """Feed one safetensors file's identity into `h`: name, size, header and sampled data blocks."""
+    """Feed one weights file's identity into `h`: name, size, header (safetensors) and sampled data
+    blocks (a GGUF file is sampled whole: its metadata lies in the first block)."""
     size = path.stat().st_size
     h.update(f"{path.name}\0{size}\0".encode())
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is truncated: no safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        h.update(f.read(n))
-        start, span = 8 + n, max(0, size - 8 - n)
+        start, span = 0, size
+        if path.suffix == ".safetensors":
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path} is truncated: no safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            h.update(f.read(n))
+            start, span = 8 + n, max(0, size - 8 - n)
         for i in range(SAMPLES_PER_FILE):
             f.seek(start + span * i // SAMPLES_PER_FILE)
             h.update(f.read(SAMPLE_BYTES))
@@ -65,7 +68,7 @@ def _file_digest(h, path: Path) -> None:
 def weights_digest(folder: Path) -> str:
     """Hex digest identifying a model folder's weights (see the module docstring)."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))  # a .gguf file
     if not files:
         raise FileNotFoundError(f"{folder} holds no safetensors files to identify the weights by")
     h = hashlib.blake2b(digest_size=DIGEST_BYTES)
@@ -80,6 +83,8 @@ def weights_digest(folder: Path) -> str:
 def tokenizer_digest(folder: Path, chat_template: str | None) -> str:
     """Hex digest of the tokenizer files in `folder` and the chat template in use."""
     h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    if Path(folder).is_file():  # a .gguf file holds its tokenizer
+        _file_digest(h, Path(folder))
     for name in TOKENIZER_FILES:
         path = Path(folder) / name
         if path.is_file():

@@ -10,6 +10,8 @@
   `tokenizer_config.json["chat_template"]`, rendered in a sandbox as transformers does. A folder
   without one falls back to the built-in `chatml` template, with a warning; a caller pins a built-in
   template with `load_tokenizer(..., template="chatml")` or `tok.set_template("mistral")`.
+
+A `.gguf` file carries its tokenizer in its metadata instead; `minidpo.gguf` rebuilds it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
-from minidpo import spm
+from minidpo import gguf, spm
 
 # What a hub download fetches: the tokenizer and its chat template, never weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -338,6 +340,8 @@ class Tokenizer:
             self.pad_id = self.unk_id if self.unk_id is not None else self.eos_id
             self.pad_token = None if self.pad_id is None else backend.id_to_token(self.pad_id)
         self._added = backend.get_added_tokens_decoder()  # id -> AddedToken
+        # the config asks for bos (add_bos_token, or tokenizer.json's post-processor): see apply_chat_template
+        self.adds_bos = self.bos_id is not None and backend.encode("").ids[:1] == [self.bos_id]
         if chat_template is None:
             self.set_template(template_name)
         else:
@@ -423,12 +427,29 @@ class Tokenizer:
                             **template_variables):
         """Render `messages` ([{"role", "content"}, ...]) with the chat template, as transformers does.
 
-        Returns the string, or with `tokenize=True` its ids, tokenized without adding bos/eos again
-        (the template writes whatever special tokens it wants). Extra keyword arguments become
-        template variables.
+        Returns the string, or with `tokenize=True` its ids. The BOS rule: the ids start with bos
+        when the template writes it (Llama 3, Mistral) or when the tokenizer's config adds it
+        (`add_bos_token`, as OpenHermes-2.5's ChatML template and its Mistral base were trained);
+        never twice, and no eos is added. Training (`minidpo.data`) and generation share this.
+        transformers' `apply_chat_template(tokenize=True)` never adds bos; its `tokenizer(text)`
+        does. Extra keyword arguments become template variables.
         """
         text = self._render(check_messages(messages), add_generation_prompt, **template_variables)
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        return [self.bos_id] + ids if self.adds_bos and ids[:1] != [self.bos_id] else ids
+
+    def save(self, directory) -> Path:
+        """Write `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template): a folder
+        that `load_tokenizer` and transformers read back as this tokenizer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {**self.special_tokens, "chat_template": self.chat_template,
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        return directory
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
@@ -437,22 +458,28 @@ class Tokenizer:
 
 
 def load_tokenizer(path_or_repo_id: str | Path, *, template: str | None = None) -> Tokenizer:
-    """Load the tokenizer of a Hugging Face model folder or hub repo id (tokenizer files only).
+    """Load the tokenizer of a Hugging Face model folder, hub repo id (tokenizer files only) or `.gguf`
+    file (its `tokenizer.ggml.*` metadata and `tokenizer.chat_template`).
 
     `template` pins a built-in chat template ("chatml", "mistral"); by default the folder's own is
     used, or `chatml` with a warning when it has none.
     """
     if template is not None:
         _check_template_name(template)
-    folder = resolve_folder(path_or_repo_id)
-    config = read_config(folder)
-    backend = load_backend(folder, config)
     name = str(path_or_repo_id)
+    if gguf.is_gguf(path_or_repo_id):
+        backend, config, found = gguf.tokenizer_parts(path_or_repo_id)
+        _set_bos_eos(backend, config, default_bos=False, where=Path(name))
+        where = f"{name} (tokenizer.chat_template)"
+    else:
+        folder = resolve_folder(path_or_repo_id)
+        config = read_config(folder)
+        backend = load_backend(folder, config)
+        found = read_chat_template(folder, config) if template is None else None
+        where = f"{folder} (looked in chat_template.jinja, chat_template.json and tokenizer_config.json)"
     if template is not None:
         return Tokenizer(backend, config, name_or_path=name, template_name=template)
-    found = read_chat_template(folder, config)
     if found is None:
-        warnings.warn(f"{folder}: no chat template (looked in chat_template.jinja, chat_template.json and "
-                      f"tokenizer_config.json); using the built-in 'chatml' template", stacklevel=2)
+        warnings.warn(f"{where}: no chat template; using the built-in 'chatml' template", stacklevel=2)
         return Tokenizer(backend, config, name_or_path=name, template_name="chatml")
     return Tokenizer(backend, config, name_or_path=name, chat_template=found, template_name="model")

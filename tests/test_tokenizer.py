@@ -274,11 +274,12 @@ def test_corrupt_model_file_names_the_file(tmp_path):
 # an OpenHermes-shaped folder: tokenizer.model + added_tokens.json + ChatML
 
 def _transformers_sentencepiece(folder, template):
-    """transformers' own SentencePiece tokenizer (legacy, as OpenHermes' config says) as the reference."""
+    """transformers' own SentencePiece tokenizer as the reference: legacy and adding <s> in tokenizer(text),
+    as OpenHermes' config says."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
     ref = SentencePieceBackend(vocab_file=str(folder / "tokenizer.model"), legacy=True, bos_token="<s>",
-                               eos_token="</s>", unk_token="<unk>")
+                               eos_token="</s>", unk_token="<unk>", special_tokens_pattern="bos")
     ref.add_tokens(["<|im_end|>", "<|im_start|>"], special_tokens=True)
     assert ref.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]) == [32000, 32001]
     ref.chat_template = template
@@ -319,11 +320,28 @@ def test_openhermes_chat_ids_match_transformers(openhermes_tok, openhermes_ref, 
     text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt)
     assert text == ref.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
     ids = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    # The BOS rule: ChatML writes no <s>, OpenHermes' config adds it, so minidpo starts with <s> as
+    # transformers' tokenizer(text) (FastChat's generation) does; its apply_chat_template(tokenize=True)
+    # (TRL's tokenisation of conversations) leaves it out.
+    assert ids == ref(text)["input_ids"]
     expected = ref.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    assert ids == expected["input_ids"]
+    assert ids == [1] + expected["input_ids"]
     added = {"<|im_end|>": 32000, "<|im_start|>": 32001, "<s>": 1, "</s>": 2, "<unk>": 0}
-    assert ids == _sentencepiece_by_span(sp, text, added)
+    assert ids == [1] + _sentencepiece_by_span(sp, text, added)
     assert ids.count(32000) == len(messages)  # every turn closed by one <|im_end|>
+
+
+def test_bos_rule_is_the_same_in_training_and_generation(openhermes_tok, template_folders):
+    """OpenHermes (ChatML writes no <s>, add_bos_token: true): training prompts and the prompts
+    generation decodes from start with one <s>, replies hold none; a folder without add_bos gets none."""
+    from minidpo.data import Pair, tokenize_pairs
+
+    messages = [{"role": "user", "content": "What is 12 plus 30?"}]
+    for tok, bos in ((openhermes_tok, 1), (load_tokenizer(template_folders["chatml"]), 0)):
+        [pair], _ = tokenize_pairs([Pair(messages, "42.", "41.", "test", 0)], tok, max_length=64)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)  # chat_reply's
+        assert pair.prompt_ids == prompt and prompt.count(tok.bos_id) == bos and (prompt[0] == tok.bos_id) == bos
+        assert tok.bos_id not in pair.chosen_ids + pair.rejected_ids
 
 
 def test_openhermes_plain_text_matches_transformers(openhermes_tok, openhermes_ref, corpus_lines):
@@ -586,7 +604,8 @@ def test_added_tokens_from_tokenizer_config(tmp_path, sp):
     assert (tok.vocab_size, tok.eos_id, tok.eot_id) == (32002, 32000, 32000)
     assert tok.token_to_id("<|im_start|>") == 32001
     ids = tok.apply_chat_template(CONVERSATIONS["answered"], tokenize=True)
-    assert ids == _sentencepiece_by_span(sp, tok.apply_chat_template(CONVERSATIONS["answered"]),
+    assert ids[0] == tok.bos_id  # add_bos_token defaults to true for SentencePiece, as in transformers
+    assert ids[1:] == _sentencepiece_by_span(sp, tok.apply_chat_template(CONVERSATIONS["answered"]),
                                          {"<|im_end|>": 32000, "<|im_start|>": 32001})
     text = tok.decode(ids, skip_special_tokens=True)
     assert "<|im_start|>" in text and "<|im_end|>" not in text
