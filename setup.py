@@ -19,7 +19,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece"],
+        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece", "bitsandbytes",
+                 "torchao"],
         "plot": ["matplotlib"],
         "parquet": ["pyarrow"],
     },

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import save_file
 
+from minidpo import quant
 from minidpo.model import Mistral, MistralConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -126,12 +127,21 @@ def _shard_files(folder: Path):
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}{extra}")
 
 
-def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="cpu") -> Mistral:
-    """Hugging Face folder or hub repo id -> `Mistral`, strict. `dtype=None` keeps the checkpoint's."""
+def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="cpu", quantize=None) -> Mistral:
+    """Hugging Face folder or hub repo id -> `Mistral`, strict. `dtype=None` keeps the checkpoint's.
+
+    `quantize="nf4"`: every Linear but the head is stored in 4-bit NF4 with double quantization
+    (QLoRA's base, see minidpo.quant), each weight quantized as soon as it is read, so host memory
+    peaks near the quantized model's size; embeddings, norms and the head stay in `dtype`, the compute
+    dtype. A folder bitsandbytes quantized to 4-bit NF4 (`*-bnb-4bit`) loads as such, whatever `quantize`.
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}; choose None or 'nf4'")
     folder = download_folder(path_or_repo_id)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     config = MistralConfig.from_json(folder / "config.json")
+    prequantized = quant.bnb_4bit(folder)
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype) if config.torch_dtype else torch.float32
     with torch.device("meta"):
@@ -140,10 +150,18 @@ def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # HF stores tied weights once, as the embedding
     seen, unexpected, misshapen = set(), [], []
+    targets = set(quant.quantizable(model)) if quantize or prequantized else set()
+    bnb_parts = {}  # a bitsandbytes weight's tensors, gathered until all of them are read
     for file in _shard_files(folder):
         shard = {}
-        for name, t in read_safetensors(file, dtype=dtype, device=device):
-            if name not in expected:
+        for name, t in _read_shard(file, dtype, device, prequantized):
+            base, part = quant.split_bnb_name(name, targets) if prequantized else (None, None)
+            if base is not None:
+                bnb_parts.setdefault(base, {})[part] = t
+            elif name in targets:
+                quant.install(model, name, quant.quantize_nf4(t, double_quant=True))
+                seen.add(name)
+            elif name not in expected:
                 unexpected.append(name)
             elif tuple(t.shape) != expected[name]:
                 misshapen.append(f"{name}: file {tuple(t.shape)} vs model {expected[name]}")
@@ -151,6 +169,9 @@ def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="
                 shard[name] = t
                 seen.add(name)
         model.load_state_dict(shard, strict=False, assign=True)
+    for name, parts in bnb_parts.items():
+        quant.install(model, name, quant.from_bnb(name, parts))
+        seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing or unexpected or misshapen:
         raise ValueError(f"checkpoint {folder} does not fit the config: missing {missing}, "
@@ -159,6 +180,17 @@ def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="
         model.lm_head.weight = model.model.embed_tokens.weight
     config.torch_dtype = str(dtype).removeprefix("torch.")
     return model.eval()
+
+
+def _read_shard(file: Path, dtype, device, prequantized: bool):
+    """read_safetensors, except that a bitsandbytes folder's uint8 codes and fp32 statistics keep
+    their dtype (only the full-precision tensors become `dtype`)."""
+    if not prequantized:
+        yield from read_safetensors(file, dtype=dtype, device=device)
+        return
+    for name, t in read_safetensors(file, device=device):
+        stats = t.dtype == torch.uint8 or name.rsplit(".", 1)[-1] in quant.BNB_PARTS
+        yield name, t if stats or not t.is_floating_point() else t.to(dtype)
 
 
 def _parse_size(size: Union[int, str]) -> int:
@@ -183,6 +215,10 @@ def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB
 
     `state_dict`: the tensors to write instead of `model.state_dict()` (e.g. gathered from FSDP shards);
     `model` then gives only the config."""
+    if quant.is_quantized(model):
+        raise ValueError("save_model: this model's base is 4-bit NF4; save its adapters with save_lora, or "
+                         "load the full-precision base (load_model without quantize), load_lora and "
+                         "merge_lora to save a full model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state_dict is None else dict(state_dict)

@@ -221,7 +221,6 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight: NF4Weight, bias):
         ctx.weight = weight  # the 4-bit weight itself: nothing of full size is saved for backward
-        ctx.bias_shape = None if bias is None else bias.shape
         return F.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
@@ -233,10 +232,10 @@ class NF4LinearFunction(torch.autograd.Function):
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias=None) -> torch.Tensor:
     """`F.linear` on an NF4 weight: x (..., in) -> (..., out), computed in x's dtype (under CUDA
-    autocast in its dtype, as autocast would run the product)."""
+    autocast in its dtype, as autocast would run the product); the bias is cast to it."""
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         x = x.to(torch.get_autocast_dtype("cuda"))
-        bias = None if bias is None else bias.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
     return NF4LinearFunction.apply(x, weight, bias)
 
 
