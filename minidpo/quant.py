@@ -41,7 +41,7 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.7229568362236023, 1.0)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes accepts
 NESTED_BLOCK = 256  # double quantization: absmax values per 8-bit block
-CHUNK = 1 << 20  # values quantized or dequantized at once on the CPU: bounds the fp32 temporaries
+CHUNK = 1 << 18  # values quantized or dequantized at once on the CPU: bounds the fp32 temporaries
 BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
@@ -180,6 +180,13 @@ class NF4Weight(nn.Module):
     def device(self) -> torch.device:
         return self.packed.device
 
+    def _apply(self, fn, recurse=True):
+        """Follow `model.to(device)`, never a dtype cast (`model.half()`): the statistics stay fp32."""
+        device = fn(torch.empty(0, device=self.device)).device
+        for name, buffer in self._buffers.items():
+            self._buffers[name] = buffer.to(device)
+        return self
+
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -247,10 +254,6 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, double_quant: bool = True) -> "NF4Linear":
-        return cls(quantize_nf4(linear.weight, double_quant=double_quant), linear.bias)
 
     def forward(self, x):
         return nf4_linear(x, self.weight, self.bias)

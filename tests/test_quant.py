@@ -199,6 +199,9 @@ def test_load_model_quantizes_every_linear_but_the_head(tiny_dir):
         assert torch.equal(ours.dequantize(), quantize_nf4(w, double_quant=True).dequantize())
     for name, p in model.named_parameters():  # embeddings, norms and the head: the compute dtype
         assert p.dtype == torch.bfloat16 and torch.equal(p, full.get_parameter(name)), name
+    before = {n: m.weight.dequantize() for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    model.half()  # casts the dense weights; the 4-bit ones keep their exact statistics
+    assert all(torch.equal(model.get_submodule(n).weight.dequantize(), w) for n, w in before.items())
     with pytest.raises(ValueError, match="quantize='int8'"):
         minidpo.load_model(tiny_dir, quantize="int8")
 
