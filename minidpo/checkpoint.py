@@ -160,6 +160,8 @@ def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="
                 bnb_parts.setdefault(base, {})[part] = t
             elif name in targets:
                 quant.install(model, name, quant.quantize_nf4(t, double_quant=True))
+                del t
+                quant.release_freed_memory()
                 seen.add(name)
             elif name not in expected:
                 unexpected.append(name)
