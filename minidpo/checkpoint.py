@@ -156,9 +156,9 @@ def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="
         shard = {}
         for name, t in _read_shard(file, dtype, device, prequantized):
             base, part = quant.split_bnb_name(name, targets) if prequantized else (None, None)
-            if base is not None:
+            if base is not None and (part or t.dtype == torch.uint8):  # (a skipped module stays dense)
                 bnb_parts.setdefault(base, {})[part] = t
-            elif name in targets:
+            elif name in targets and not prequantized:
                 quant.install(model, name, quant.quantize_nf4(t, double_quant=True))
                 del t
                 quant.release_freed_memory()

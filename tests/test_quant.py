@@ -244,6 +244,26 @@ def test_bitsandbytes_checkpoint_loads_to_the_same_weights_and_logits(bnb_dir):
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_bitsandbytes_folder_with_a_dense_module_and_a_missing_statistic(bnb_dir, tiny_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, folder = bnb_dir
+    shutil.copytree(folder, tmp_path / "m")
+    name = "model.layers.0.self_attn.q_proj.weight"  # as bitsandbytes' llm_int8_skip_modules leaves it
+    stored, dense = load_file(folder / "model.safetensors"), {name: minidpo.load_model(tiny_dir).get_parameter(name)}
+    edited = {k: v for k, v in stored.items() if not k.startswith(name)} | {name: dense[name].detach()}
+    save_file(edited, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    model = minidpo.load_model(tmp_path / "m")
+    assert type(model.get_submodule(name[:-7])) is torch.nn.Linear and torch.equal(model.get_parameter(name), dense[name])
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.k_proj"), NF4Linear)
+    del edited["model.layers.1.mlp.up_proj.weight.absmax"]
+    save_file(edited, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight.absmax'\] are missing"):
+        minidpo.load_model(tmp_path / "m")
+
+
 # ---------------------------------------------------------------- the Triton kernel
 
 
