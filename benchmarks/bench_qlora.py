@@ -16,8 +16,9 @@ statistics; embeddings, norms and the head in the compute dtype), also for the L
 at 7B shape (Mistral-7B's config) they are computed on the meta device (exact sizes, no memory).
 Load peak (CPU): VmHWM after loading minus the RSS just before it (the kernel's peak counter is reset
 with `/proc/self/clear_refs`, as bench_load.py does), over the loaded model's bytes: the loader's
-bound is 1.3x. Step: median over `--steps` steps after one untimed warmup; step peak: VmHWM during
-the steps minus the RSS after loading (reset again), i.e. activations, temporaries and optimizer.
+bound is 1.3x. Step: median over `--steps` steps after one untimed warmup (wall clock, or with
+`--clock cpu` the process's CPU time); step peak: VmHWM during the steps minus the RSS after loading
+(reset again), i.e. activations, temporaries and optimizer.
 On CUDA both peaks are `torch.cuda.max_memory_allocated()` over the allocation before (and the
 intermediate 3.5 H is 14336 at 7B: Mistral's own).
 The goals of issue 19: frozen base <= 0.30x of bf16 (at 7B shape), CPU step time <= 1.5x of bf16.
@@ -87,14 +88,15 @@ batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(
 optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-4, fused=True)
 times = []
 step_base = start()
+clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
 for i in range(spec["steps"] + 1):
-    t0 = time.perf_counter()
+    t0 = clock()
     T.dpo_step(model, [batch], config)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-    times.append(time.perf_counter() - t0)
+    times.append(clock() - t0)
 print("RESULT " + json.dumps({"load_peak": load_peak, "bytes": sizes["all"], "linear_bytes": sizes["linear"],
       "step_s": statistics.median(times[1:]), "steps": times[1:], "step_peak": peak(step_base)}), flush=True)
 """
@@ -128,11 +130,14 @@ def seven_b_bytes() -> dict:
         model = Mistral(MistralConfig()).to(torch.bfloat16)
     linear = set(quantizable(model))
     out = {"bf16": 0, "nf4": 0, "bf16 linear": 0, "nf4 linear": 0}
+    by_shape = {}  # 4 shapes: quantize one of each
     for name, p in model.named_parameters():
         dense = p.numel() * 2
         out["bf16"] += dense
         if name in linear:
-            packed = quantize_nf4(p, double_quant=True).nbytes()
+            if p.shape not in by_shape:
+                by_shape[p.shape] = quantize_nf4(p, double_quant=True).nbytes()
+            packed = by_shape[p.shape]
             out["nf4"] += packed
             out["bf16 linear"] += dense
             out["nf4 linear"] += packed
@@ -144,7 +149,7 @@ def seven_b_bytes() -> dict:
 def run(folder, base, args):
     dtype, quantize = BASES[base]
     spec = {"folder": "" if args.in_memory else str(folder), "config": model_config(args), "dtype": dtype, "quantize": quantize, "pairs": args.pairs,
-            "seq": args.seq, "steps": args.steps, "threads": args.threads, "device": args.device}
+            "seq": args.seq, "steps": args.steps, "threads": args.threads, "device": args.device, "clock": args.clock}
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -163,6 +168,8 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="subprocesses per base, interleaved")
     p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
     p.add_argument("--bases", default=",".join(BASES))
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="step time: wall clock, or the "
+                   "process's CPU time (steadier on a machine shared with other work; with --threads 1)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (peaks from torch.cuda.max_memory_allocated)")
     p.add_argument("--in-memory", action="store_true", help="random weights built on the device, no folder "
                    "(no load peak then)")
@@ -185,7 +192,7 @@ def main():
 
         print(f"model: Mistral hidden {args.hidden}, intermediate {args.hidden * 7 // 2}, {args.layers} layers, "
               f"vocab 32000; {args.pairs} pairs x 2 rows x {args.seq} tokens per step; {args.steps} timed steps; "
-              f"{args.rounds} rounds; {args.threads} thread(s); torch {torch.__version__}, {os.cpu_count()} CPUs; "
+              f"{args.rounds} rounds; {args.threads} thread(s), {args.clock} clock; torch {torch.__version__}, {os.cpu_count()} CPUs; "
               f"{args.device}{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}",
               flush=True)
         results = {}
