@@ -19,8 +19,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece", "gguf", "tensorboard",
-                 "wandb", "trackio"],
+        "test": ["pytest", "hypothesis", "transformers", "peft", "trl", "sentencepiece", "bitsandbytes", "torchao",
+                 "gguf", "tensorboard", "wandb", "trackio"],
         "plot": ["matplotlib"],
         "gguf": ["gguf>=0.10"],
         "parquet": ["pyarrow"],

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import save_file
 
+from minidpo import quant
 from minidpo.model import Mistral, MistralConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -127,39 +128,59 @@ def _shard_files(folder: Path):
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}{extra}")
 
 
-def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="cpu") -> Mistral:
+def load_model(path_or_repo_id, *, dtype: Optional[torch.dtype] = None, device="cpu", quantize=None) -> Mistral:
     """Hugging Face folder (Mistral, Llama or Qwen2), hub repo id or `.gguf` file -> `Mistral`, strict.
 
-    `dtype=None` keeps the checkpoint's (fp32 for GGUF, whose quantized tensors dequantize to it)."""
+    `dtype=None` keeps the checkpoint's (fp32 for GGUF, whose quantized tensors dequantize to it).
+    `quantize="nf4"`: every Linear but the head is stored in 4-bit NF4 with double quantization
+    (QLoRA's base, see minidpo.quant), each weight quantized as soon as it is read, so host memory
+    peaks near the quantized model's size; embeddings, norms and the head stay in `dtype`, the compute
+    dtype. A folder bitsandbytes quantized to 4-bit NF4 (`*-bnb-4bit`) loads as such, whatever `quantize`.
+    """
     from minidpo import gguf
 
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}; choose None or 'nf4'")
     if gguf.is_gguf(path_or_repo_id):
-        return gguf.load_gguf_model(path_or_repo_id, dtype=dtype, device=device)
+        return gguf.load_gguf_model(path_or_repo_id, dtype=dtype, device=device, quantize=quantize)
     folder = download_folder(path_or_repo_id)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     config = MistralConfig.from_json(folder / "config.json")
+    prequantized = quant.bnb_4bit(folder)
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype) if config.torch_dtype else torch.float32
-    shards = (read_safetensors(file, dtype=dtype, device=device) for file in _shard_files(folder))
-    model = fill_model(config, shards, folder)
+    shards = (_read_shard(file, dtype, device, prequantized) for file in _shard_files(folder))
+    model = fill_model(config, shards, folder, quantize=quantize, prequantized=prequantized)
     config.torch_dtype = str(dtype).removeprefix("torch.")
     return model
 
 
-def fill_model(config: MistralConfig, shards, where) -> Mistral:
+def fill_model(config: MistralConfig, shards, where, *, quantize=None, prequantized=False) -> Mistral:
     """A `Mistral(config)` built on the meta device and filled from `shards` (iterables of (name,
-    tensor), read one at a time); every tensor must fit, by name and shape."""
+    tensor), read one at a time); every tensor must fit, by name and shape. `quantize="nf4"` stores
+    each Linear weight but the head in NF4 as it arrives; `prequantized`: the shards hold
+    bitsandbytes' 4-bit tensors."""
     with torch.device("meta"):
         model = Mistral(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # HF stores tied weights once, as the embedding
     seen, unexpected, misshapen = set(), [], []
+    targets = set(quant.quantizable(model)) if quantize or prequantized else set()
+    bnb_parts = {}  # a bitsandbytes weight's tensors, gathered until all of them are read
     for tensors in shards:
         shard = {}
         for name, t in tensors:
-            if name not in expected:
+            base, part = quant.split_bnb_name(name, targets) if prequantized else (None, None)
+            if base is not None and (part or t.dtype == torch.uint8):  # (a skipped module stays dense)
+                bnb_parts.setdefault(base, {})[part] = t
+            elif name in targets and not prequantized:
+                quant.install(model, name, quant.quantize_nf4(t, double_quant=True))
+                del t
+                quant.release_freed_memory()
+                seen.add(name)
+            elif name not in expected:
                 unexpected.append(name)
             elif tuple(t.shape) != expected[name]:
                 misshapen.append(f"{name}: file {tuple(t.shape)} vs model {expected[name]}")
@@ -167,6 +188,9 @@ def fill_model(config: MistralConfig, shards, where) -> Mistral:
                 shard[name] = t
                 seen.add(name)
         model.load_state_dict(shard, strict=False, assign=True)
+    for name, parts in bnb_parts.items():
+        quant.install(model, name, quant.from_bnb(name, parts))
+        seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing or unexpected or misshapen:
         raise ValueError(f"checkpoint {where} does not fit the config: missing {missing}, "
@@ -174,6 +198,17 @@ def fill_model(config: MistralConfig, shards, where) -> Mistral:
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def _read_shard(file: Path, dtype, device, prequantized: bool):
+    """read_safetensors, except that a bitsandbytes folder's uint8 codes and fp32 statistics keep
+    their dtype (only the full-precision tensors become `dtype`)."""
+    if not prequantized:
+        yield from read_safetensors(file, dtype=dtype, device=device)
+        return
+    for name, t in read_safetensors(file, device=device):
+        stats = t.dtype == torch.uint8 or name.rsplit(".", 1)[-1] in quant.BNB_PARTS
+        yield name, t if stats or not t.is_floating_point() else t.to(dtype)
 
 
 def _parse_size(size: Union[int, str]) -> int:
@@ -198,6 +233,10 @@ def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB
 
     `state_dict`: the tensors to write instead of `model.state_dict()` (e.g. gathered from FSDP shards);
     `model` then gives only the config."""
+    if quant.is_quantized(model):
+        raise ValueError("save_model: this model's base is 4-bit NF4; save its adapters with save_lora, or "
+                         "load the full-precision base (load_model without quantize), load_lora and "
+                         "merge_lora to save a full model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state_dict is None else dict(state_dict)

@@ -152,15 +152,17 @@ def read_tensors(reader, config: MistralConfig, *, dtype, device, where):
         yield hf_name(t.name), w.to(device)
 
 
-def load_gguf_model(path, *, dtype=None, device="cpu"):
-    """`.gguf` file -> `Mistral` (a Llama or Qwen2 config), strict; `dtype=None` is fp32."""
+def load_gguf_model(path, *, dtype=None, device="cpu", quantize=None):
+    """`.gguf` file -> `Mistral` (a Llama or Qwen2 config), strict; `dtype=None` is fp32;
+    `quantize="nf4"` stores the Linear weights in NF4 (as `minidpo.load_model`)."""
     from minidpo.checkpoint import fill_model
 
     reader = open_gguf(path)
     names = {t.name for t in reader.tensors}
     config = model_config(metadata(reader), names, path)
     dtype = dtype or torch.float32
-    model = fill_model(config, [read_tensors(reader, config, dtype=dtype, device=device, where=path)], path)
+    model = fill_model(config, [read_tensors(reader, config, dtype=dtype, device=device, where=path)], path,
+                       quantize=quantize)
     config.torch_dtype = str(dtype).removeprefix("torch.")
     return model
 

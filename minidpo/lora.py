@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minidpo.checkpoint import read_safetensors
+from minidpo.quant import NF4Linear, NF4Weight
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "adapter_config.json"
@@ -125,7 +126,7 @@ def _linear_names(model: nn.Module) -> List[str]:
     """Names of the Linear layers LoRA can go on (plain Linears and LoRA layers, not adapters' own)."""
     inner = {f"{name}.{child}" for name in lora_layers(model) for child in ("lora_A", "lora_B")}
     return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, LoRALinear)) and name not in inner]
+            if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and name not in inner]
 
 
 def _matches(name: str, target: str) -> bool:
@@ -219,6 +220,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     keep their `requires_grad` (frozen after `apply_lora`).
     """
     layers = lora_layers(model)
+    quantized = [name for name, layer in layers.items() if isinstance(layer.weight, NF4Weight)]
+    if quantized:
+        raise ValueError(f"cannot merge the adapters of {quantized[:3]}{' ...' if len(quantized) > 3 else ''}: "
+                         f"their base is 4-bit NF4, which cannot hold the sum. Save the adapter (save_lora), "
+                         f"load the full-precision base (load_model without quantize), load_lora it, then merge_lora")
     for name, layer in layers.items():
         if _is_shared(model, layer.weight) and not layer.merged:
             raise ValueError(f"cannot merge the adapter of {name}: its weight is shared with another "

@@ -68,6 +68,7 @@ from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
 from minidpo.lora import DEFAULT_TARGETS, apply_lora, lora_disabled, lora_layers, save_lora
 from minidpo.loss import LOSS_TYPES, batch_nll, dpo_loss, needs_average, needs_reference, nll_weight
 from minidpo.prefix import is_packed, packed_collate, packed_logps
+from minidpo.quant import is_quantized
 from minidpo.refcache import ReferenceCache, default_root, pair_digest, tokenizer_digest, weights_digest
 from minidpo.tokenizer import TOKENIZER_FILES, TEMPLATES, load_tokenizer
 
@@ -78,7 +79,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("auto", "adapter-off", "copy", "precomputed")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"mode": MODES, "loss": LOSS_TYPES, "schedule": SCHEDULES, "reference": REFERENCES,
-           "dtype": DTYPES, "template": ("",) + tuple(TEMPLATES), "prefix_attention": ("sdpa", "flex")}
+           "dtype": DTYPES, "template": ("",) + tuple(TEMPLATES), "prefix_attention": ("sdpa", "flex"),
+           "quantize": ("", "nf4")}
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE_CHANGES = ("resume", "save_every", "keep_checkpoints", "log_every", "eval_every", "device",
                      "dist_timeout", "report_to")
@@ -102,6 +104,7 @@ class TrainConfig:
     lora_dropout: float = 0.05  # dropout on the adapters' input (policy only: the reference has none)
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # modules given adapters
     full: bool = False  # full fine-tune (every weight trains) instead of LoRA
+    quantize: str = ""  # nf4: keep the frozen base's Linear weights in 4-bit NF4 (QLoRA; LoRA only)
     beta: float = 0.1  # DPO temperature beta (orpo: the odds-ratio weight lambda; simpo, cpo: the reward scale)
     loss: str = "sigmoid"  # preference loss, TRL's names (see minidpo.loss); simpo, cpo, orpo use no reference
     label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid: cDPO, robust, exo_pair, aot, simpo, cpo)
@@ -158,6 +161,9 @@ class TrainConfig:
             raise ValueError("TrainConfig.data: give at least one data source")
         self._check_numbers()
         self._check_loss()
+        if self.full and self.quantize:
+            raise ValueError(f"TrainConfig.quantize={self.quantize!r} needs LoRA: a full fine-tune trains the "
+                             f"base weights, which a 4-bit base cannot hold; drop --full or --quantize")
         if self.full and self.reference == "adapter-off":
             raise ValueError("TrainConfig.reference='adapter-off' needs LoRA; a full fine-tune uses "
                              "'copy' or 'precomputed'")
@@ -347,7 +353,7 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 def build_models(config: TrainConfig, folder: Path, device, dtype) -> tuple[nn.Module, Optional[nn.Module]]:
     """-> (policy in train mode, frozen reference copy or None). LoRA adapters are fp32."""
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, quantize=config.quantize or None)
     reference = None
     if reference_mode(config) == "copy":
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -358,8 +364,8 @@ def build_models(config: TrainConfig, folder: Path, device, dtype) -> tuple[nn.M
                    targets=config.lora_targets)
     model.gradient_checkpointing = config.gradient_checkpointing
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("model: %s, %s on %s, %d trainable parameters, reference %s", folder, dtype, device,
-                trainable, reference_mode(config))
+    logger.info("model: %s, %s%s on %s, %d trainable parameters, reference %s", folder, dtype,
+                " (NF4 base)" if is_quantized(model) else "", device, trainable, reference_mode(config))
     return model.train(), reference
 
 
@@ -446,6 +452,8 @@ def precomputed_reference(config: TrainConfig, folder: Path, tokenizer, model, p
     key = {"weights": weights_digest(folder), "tokenizer": tokenizer_digest(folder, tokenizer.chat_template),
            "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
            "average": average, "dtype": str(dtype), "device": device.type}
+    if is_quantized(unwrap(model)):  # a 4-bit base gives other reference log-probs
+        key["quantize"] = "nf4"
     cache = ReferenceCache(config.ref_cache_dir or default_root(), key)
     # Rank 0's cache decides what every rank computes (node-local caches may differ).
     table, missing = d.from_main(cache.lookup(pairs) if d.main else None)
