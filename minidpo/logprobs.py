@@ -339,6 +339,25 @@ def _unscored_rows(B, T, b, t, n):
     return [range(rows[s], rows[s] + c) for s, c in _runs(rows, n)]
 
 
+@functools.cache
+def softmax_out_available() -> bool:
+    """Whether the private `torch._softmax(x, dim, False, out=...)` runs (public softmax has no out=)."""
+    x = torch.zeros(1, 2)
+    try:
+        torch._softmax(x, 1, False, out=torch.empty_like(x))
+        return True
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+
+
+def _softmax_into(src, out):
+    """out = softmax(src, dim=1), written straight into out where torch._softmax allows, else the
+    same values through a temporary (older or newer torch without that private entry point)."""
+    if softmax_out_available():
+        return torch._softmax(src, 1, False, out=out)
+    return out.copy_(torch.softmax(src, 1))
+
+
 def torch_token_grad(logits, labels, b, t, g):
     """d(sum_i g[i] * logp_i) / d logits for the scored tokens (b, t) with weights g [N] (from
     torch_token_logprobs): [B, T, V] contiguous in the logits' dtype.
@@ -362,7 +381,7 @@ def torch_token_grad(logits, labels, b, t, g):
         # CPU softmax has no half-to-fp32 variant: half chunks are widened into the scratch first.
         src = x if x.dtype == torch.float32 else out.copy_(x)
         g_c = g[c.s:c.s + n, None]
-        torch._softmax(src, 1, False, out=out).mul_(-g_c)  # the private op: public softmax has no out=
+        _softmax_into(src, out).mul_(-g_c)
         out.scatter_add_(1, y[c.s:c.s + n, None], g_c)  # + g at the label: g (onehot - p)
         if target is None:
             grad.index_copy_(0, c.b * T + c.t, out.to(grad.dtype))

@@ -632,6 +632,18 @@ def test_half_head_without_fp32_output_matmul_widens_never_rounds(monkeypatch):
     assert lp._head_weight(w, h.device) is w and "torch.mm out_dtype" in lp.head_precision("cpu")
 
 
+def test_torch_path_without_the_private_softmax_out_is_the_same(monkeypatch):
+    """The fallback for a torch without `torch._softmax(..., out=)` gives the same gradient."""
+    case = Case("softmax_fallback", B=3, T=7, V=500, layout="shifted")
+    assert lp.softmax_out_available()
+    base, labels, weights = make_inputs(case)
+    lp.sequence_logprobs(base[:, :-1], labels, backend="torch").mul(weights).sum().backward()
+    monkeypatch.setattr(lp, "softmax_out_available", lambda: False)
+    again = base.detach().clone().requires_grad_()
+    lp.sequence_logprobs(again[:, :-1], labels, backend="torch").mul(weights).sum().backward()
+    assert torch.equal(again.grad, base.grad)
+
+
 def test_chunk_threads_leave_the_process_thread_count_alone():
     """The chunk workers run their own ops single-threaded (OpenMP's per-thread count) while the
     process's setting, which any other thread starting meanwhile reads, stays as it was."""
