@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import importlib
 import inspect
-import json
 import os
 import platform
 import random
@@ -314,12 +313,17 @@ def dpo_steps(net, pairs, config, device, batches, steps, attention="sdpa"):
     return times[mid], tokens[mid] / times[mid], peak, seen
 
 
+_STEP_MODELS = {}
+
+
 def step_model(device, shape):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    net = random_model(shape, device, dtype)
-    apply_lora(net, r=16, alpha=32.0, dropout=0.05)
-    return net.train()
+    """The LoRA model of the step sections, made once (a 7B model takes a while to make)."""
+    key = (device.type, tuple(sorted(shape.items())))
+    if key not in _STEP_MODELS:
+        torch.manual_seed(0)
+        net = random_model(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        _STEP_MODELS[key] = apply_lora(net, r=16, alpha=32.0, dropout=0.05)
+    return _STEP_MODELS[key].train()
 
 
 def check_step(device, shape, pairs_per_batch, prompt, reply, steps):
@@ -368,9 +372,11 @@ def check_flex(device, shape, pairs_per_batch, steps):
         graphs = counters["stats"]["unique_graphs"] - before
         rows.append((attention, f"{step_s:.3f}", f"{tps:.0f}", f"{peak / 2**30:.2f}" if peak else "-",
                      graphs, f"{time.perf_counter() - start:.0f}", _kernels(seen)))
+    net.eval()  # no dropout: the two attentions must see the same numbers
     with torch.no_grad():
         batch = T.make_batch(pairs, batches[1], 0, device, packed=True)
         diff = (T.batch_logps(net, batch) - T.batch_logps(net, {**batch, "attention": "flex"})).abs().max()
+    net.train()
     recompiles = counters["stats"]["unique_graphs"]
     return [f"packed rows of three widths, {steps} timed steps after one warm-up; graphs: torch.compile graphs "
             f"made during the run (flex: the attention and the block mask, then none for new widths); "
