@@ -173,15 +173,17 @@ def memory_plan(c: MistralConfig, config, *, device: str = "cuda", world: int = 
         rows.append(("adapters", 16 * n, f"{n / 1e6:.3g}M fp32 parameters, gradients, AdamW moments"))
     fixed = sum(size for _, size, _ in rows)
     pairs = max(config.micro_batch_size // world, 1)
-    tokens = 2 * pairs * config.max_length
+    rows_per_pair = 2 if config.mode == "dpo" else 1  # SFT scores the chosen rows only
+    packed = config.prefix_sharing and config.mode == "dpo"
+    tokens = rows_per_pair * pairs * config.max_length
     per_layer = _per_token_layer(c, act, mask, adapted, config.lora_r, config.lora_dropout > 0, config.full)
-    if config.prefix_sharing:  # the second piece's gathered q, k, v and both pieces' outputs
+    if packed:  # the second piece's gathered q, k, v and both pieces' outputs
         per_layer += act * (shapes["q_proj"][1] + 2 * shapes["k_proj"][1]) // 2
     head = 4 * h + act * h  # the final norm's fp32 input and the hidden states the head reads
     plain = tokens * (layers * per_layer + head)
     checkpointed = tokens * (layers * act * h + head)  # each layer's input
     saved = checkpointed if config.gradient_checkpointing else plain
-    rows.append(("activations", saved, f"{tokens} tokens ({pairs} pairs x 2 x {config.max_length}), "
+    rows.append(("activations", saved, f"{tokens} tokens ({pairs} pairs x {rows_per_pair} x {config.max_length}), "
                  f"{layers} layers" + (", checkpointed" if config.gradient_checkpointing else "")))
     backward = tokens * (2 * act * c.intermediate_size + act * h)
     note = "gradients in flight at the widest layer"
@@ -195,7 +197,7 @@ def memory_plan(c: MistralConfig, config, *, device: str = "cuda", world: int = 
     if wbytes == 2 and not cuda:
         head_bytes += V * h * 4
     if config.full:  # the head weight's fp32 gradient accumulators: packed rows call the head twice
-        head_bytes += workers * V * h * 4 * (2 if config.prefix_sharing else 1)
+        head_bytes += workers * V * h * 4 * (2 if packed else 1)
     rows.append(("head chunks", head_bytes, f"{workers} x fp32 [{chunk}, {V}] logits"))
     peak = fixed + max(saved + max(backward, head_bytes), grads)
     if config.full:
@@ -208,7 +210,7 @@ def memory_plan(c: MistralConfig, config, *, device: str = "cuda", world: int = 
                       activations_checkpointed=checkpointed, activations_plain=plain,
                       title=f"{'full fine-tune' if config.full else f'LoRA r={config.lora_r}'}, {dtype} weights, "
                             f"{pairs} pairs per micro-batch and device, max length {config.max_length}, "
-                            f"{'prefix sharing' if config.prefix_sharing else 'unshared rows'}")
+                            f"{'prefix sharing' if packed else 'unshared rows'}, {config.mode}")
 
 
 def plan_for(config) -> MemoryPlan:
