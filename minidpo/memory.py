@@ -6,8 +6,9 @@
 `python -m minidpo train ... --dry-run` prints the plan and exits, loading no weights. It counts
 what the default path allocates, per device, at the longest batch `--max-length` allows:
   weights        every parameter in the run's dtype (`resolve_dtype`); a `--reference copy` twice;
-  trainable      adapters (fp32) or, for a full fine-tune, every weight: parameter, gradient and
-                 AdamW's two moments (under FSDP2 a 1/world share, plus one gathered layer);
+  trainable      adapters (fp32: parameter, gradient, AdamW's two moments) or, for a full
+                 fine-tune, AdamW's moments of every weight and the gradients (under FSDP2 a
+                 1/world share, plus one gathered layer);
   activations    what autograd keeps for backward, per token and layer, op by op as the model
                  runs (RMSNorm's fp32 input, LoRA inputs and dropout masks, SDPA's q, k, v, output
                  and log-sum-exp, the SwiGLU halves), for 2 x micro-batch x max-length tokens
@@ -20,8 +21,11 @@ what the default path allocates, per device, at the longest batch `--max-length`
                  fp32 head weight where no half matmul has fp32 output;
   CUDA runtime   the context and cuBLAS workspaces (not in torch's allocator) and 5% slack for
                  the caching allocator's fragmentation.
-The sum is the planned peak; it is checked against measured peaks on CPU (tests/test_memory.py,
-within 20%). Not counted: the data and tokenizer (host memory), and torch.compile's workspaces.
+The planned peak is weights + trainable state + activations + the larger of backward and the head
+chunks (which live while the head runs, before the layers' backward), or, for a full fine-tune,
+the gradients in place of activations when larger (they fill in as activations are freed); plus
+the CUDA runtime. Checked against peaks measured on CPU (tests/test_memory.py, within 20%). Not
+counted: the data and tokenizer (host memory), and torch.compile's workspaces.
 """
 import os
 from dataclasses import dataclass
@@ -39,7 +43,7 @@ ALLOCATOR_SLACK = 0.05  # the caching allocator's rounding and fragmentation
 
 @dataclass
 class MemoryPlan:
-    """Planned bytes per device: `rows` (name, bytes, how it was counted) add up to `peak`."""
+    """Planned bytes per device: `rows` (name, bytes, how it was counted) and the `peak` they make."""
 
     rows: list
     peak: int
@@ -140,12 +144,8 @@ def _per_token_layer(c: MistralConfig, act: int, mask: int, adapted: list, r: in
 
 def memory_plan(c: MistralConfig, config, *, device: str = "cuda", world: int = 1, threads: int = 1,
                 device_memory: Optional[int] = None) -> MemoryPlan:
-    """The planned per-device peak of `config` (a TrainConfig) on model `c`; see the docstring.
-
-    peak = weights + trainable state + activations + the larger of (backward in flight) and
-    (head chunks): the head's chunks live while the head runs, before the layers' backward; for
-    a full fine-tune the gradients, which fill in as the activations are freed, when larger.
-    """
+    """The planned per-device peak of `config` (a TrainConfig) on model `c` (see the docstring);
+    `threads`: CPU threads (one head chunk each), `device_memory`: bytes for the verdict."""
     import torch
 
     from minidpo.logprobs import default_chunk_tokens
