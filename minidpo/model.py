@@ -11,12 +11,14 @@ the kernels that accept one may not take grouped-query heads and fall back to th
 which materialises the scores: ~4 GiB per layer at 7B with 16 pairs of 1,024 tokens):
     no padding, or right padding (pads follow every real token, so causality hides them; pads are
         never scored): one `is_causal=True` call (`causal_attention`);
-    left padding (generation): one call per distinct pad count with the pads sliced off: causal
-        for the prompt, no mask for a one-token decode step (`LeftPadded`);
+    left padding (generation) on CUDA: one call per distinct pad count with the pads sliced off:
+        causal for the prompt, no mask for a one-token decode step (`LeftPadded`; on CPU one
+        masked call is faster than several small ones);
     packed rows (prefix sharing): two causal calls (`minidpo.prefix.PackedAttention`).
 What still takes a mask says why (`sdpa(..., reason=...)`): a sliding window that binds (CPU: a
-small (T, T) band; CUDA: compiled FlexAttention, which skips the blocks outside the band), new
-tokens after cached ones (chunked prefill), a 2-D mask with holes, a ready mask from the caller.
+small (T, T) band; CUDA: compiled FlexAttention, which skips the blocks outside the band), left
+padding on CPU, new tokens after cached ones (chunked prefill), a 2-D mask with holes, a ready mask
+from the caller.
 """
 import dataclasses
 import functools
@@ -195,8 +197,10 @@ class Attention(nn.Module):
 WINDOW_ON_CPU = "sliding window that binds, on CPU (a (T, T) band; CUDA takes FlexAttention)"
 CHUNKED_PREFILL = "new tokens after cached ones: causal from the bottom right"
 HOLES = "a 2-D attention_mask that is neither left- nor right-padded"
+LEFT_PAD_ON_CPU = "left padding on CPU: one masked call is faster there than one call per pad count"
 READY_MASK = "a ready 4-D mask from the caller"
 FLEX_DEVICES = ("cuda",)  # where a binding window takes compiled FlexAttention instead of a mask
+PAD_GROUP_DEVICES = ("cuda",)  # where left padding takes one mask-free call per pad count
 FLEX_BACKEND = "inductor"  # torch.compile backend of FlexAttention (tests use "eager")
 FLEX_BLOCK = 128  # FlexAttention's block size (create_block_mask's default)
 
@@ -246,7 +250,8 @@ class LeftPadded:
     """Attention for left-padded rows (generation): row b's real keys are starts[b] .. S-1.
 
     Rows with the same start go through one call with their pads sliced off, so no mask is needed
-    (`last_queries_attention`); the outputs of pad queries are zeros (never used, never NaN).
+    (`last_queries_attention`); the outputs of pad queries are zeros (never used, never NaN). Rows
+    sorted by length (as `minidpo.generate` batches them) make each group a slice: no copies.
     """
 
     def __init__(self, starts: list):
@@ -263,7 +268,8 @@ class LeftPadded:
         for start, rows in self.groups.items():
             first = max(start - (S - T), 0)  # new tokens before `start` are pads
             if first < T:
-                r = slice(None) if len(rows) == B else torch.tensor(rows, device=q.device)
+                contiguous = rows[-1] - rows[0] + 1 == len(rows)
+                r = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=q.device)
                 y[r, :, first:] = last_queries_attention(q[r, :, first:], k[r, :, start:], v[r, :, start:],
                                                          window=window, enable_gqa=enable_gqa)
         return y
@@ -287,9 +293,13 @@ def attention_plan(attention_mask, q_len: int):
     real = attention_mask.bool()
     if q_len == S and not bool((real[:, 1:] & ~real[:, :-1]).any()):  # no pad before a real token
         return causal_attention
-    if not bool((real[:, :-1] & ~real[:, 1:]).any()):  # left padding: once real, real to the end
-        return LeftPadded((S - real.sum(1)).tolist())
-    return MaskedAttention(lambda window: attention_mask_4d(attention_mask, q_len, window), HOLES)
+    build = lambda window: attention_mask_4d(attention_mask, q_len, window)  # noqa: E731
+    if not bool((real[:, :-1] & ~real[:, 1:]).any()):  # left padding, or none: once real, real to the end
+        starts = (S - real.sum(1)).tolist()
+        if not any(starts) or attention_mask.device.type in PAD_GROUP_DEVICES:
+            return LeftPadded(starts)
+        return MaskedAttention(build, LEFT_PAD_ON_CPU)
+    return MaskedAttention(build, HOLES)
 
 
 # ---------------------------------------------------------------------------------------------------

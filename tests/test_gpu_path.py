@@ -155,14 +155,18 @@ def test_dpo_step_attention_calls_and_masks(folders, monkeypatch, name, window, 
         torch.testing.assert_close(grads[key], g, rtol=1e-5, atol=1e-5 * scale, msg=key)
 
 
-def test_left_padded_generation_takes_no_mask(folders, monkeypatch):
+@pytest.mark.parametrize("route", ["cuda", "cpu"])
+def test_left_padded_generation(folders, monkeypatch, route):
     """Prefill of left-padded prompts and one-token decode steps, with and without a binding
-    window: no mask, and the logits of today's dense-mask path at every real position."""
+    window, give today's dense-mask logits at every real position. The CUDA route takes no mask
+    (one call per pad count, pads sliced off); on CPU one named masked call per layer is faster."""
+    if route == "cuda":
+        monkeypatch.setattr(M, "PAD_GROUP_DEVICES", ("cpu",))
     for window in (None, 4):
         model = load_model(folders / f"w{window}").eval()
-        ids = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
+        ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(2))
         mask = torch.ones_like(ids)
-        mask[0, :3], mask[2, :1] = 0, 0  # rows with 3, 0 and 1 pads
+        mask[0, :3], mask[2, :3], mask[3, :1] = 0, 0, 0  # 3, 0, 3, 1 pads: rows 0 and 2 are one group
 
         def decode(plan_patch):
             with monkeypatch.context() as m:
@@ -170,21 +174,24 @@ def test_left_padded_generation_takes_no_mask(folders, monkeypatch):
                     old_path(m)
                 calls = Recorder(m)
                 with torch.no_grad():
-                    cache = model.new_cache(3, 12)
+                    cache = model.new_cache(4, 12)
                     out = [model(ids, attention_mask=mask, cache=cache)]
                     full = mask
                     for t in range(3):
-                        full = torch.cat([full, torch.ones(3, 1, dtype=torch.long)], 1)
+                        full = torch.cat([full, torch.ones(4, 1, dtype=torch.long)], 1)
                         out.append(model(ids[:, t:t + 1], attention_mask=full, cache=cache))
                 return torch.cat(out, 1), calls
 
         got, calls = decode(False)
         ref, _ = decode(True)
         reasons = calls.masked_reasons()
-        # Only the prefill of a binding window on CPU needs a band, once per pad count (3, 0, 1) and
-        # layer; decode steps slice their keys to the window instead.
-        assert reasons == ([M.WINDOW_ON_CPU] * 3 * LAYERS if window else []), reasons
-        real = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1).bool()
+        if route == "cpu":
+            assert reasons == [M.LEFT_PAD_ON_CPU] * 4 * LAYERS, reasons  # prefill and 3 decode steps
+        else:
+            # Only the prefill of a binding window (on CPU here) needs a band, once per pad count
+            # (3, 0, 1) and layer; decode steps slice their keys to the window instead.
+            assert reasons == ([M.WINDOW_ON_CPU] * 3 * LAYERS if window else []), reasons
+        real = torch.cat([mask, torch.ones(4, 3, dtype=torch.long)], 1).bool()
         torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
         assert torch.isfinite(got).all()
 
