@@ -148,7 +148,7 @@ def memory_plan(c: MistralConfig, config, *, device: str = "cuda", world: int = 
     `threads`: CPU threads (one head chunk each), `device_memory`: bytes for the verdict."""
     import torch
 
-    from minidpo.logprobs import default_chunk_tokens
+    from minidpo.logprobs import default_chunk_tokens, mm_fp32_output
     from minidpo.train import reference_mode, resolve_dtype
 
     dtype = str(resolve_dtype(config, torch.device(device))).removeprefix("torch.")
@@ -194,8 +194,8 @@ def memory_plan(c: MistralConfig, config, *, device: str = "cuda", world: int = 
     chunk = min(default_chunk_tokens(V, torch.device(device)), tokens)
     workers = 1 if cuda else threads
     head_bytes = workers * chunk * V * 4 + tokens * act * h  # the chunks and the hidden states' grad
-    if wbytes == 2 and not cuda:
-        head_bytes += V * h * 4
+    if wbytes == 2 and (not cuda or (torch.cuda.is_available() and not mm_fp32_output(device))):
+        head_bytes += V * h * 4  # the fp32 head weight (`minidpo.logprobs.head_precision`)
     if config.full:  # the head weight's fp32 gradient accumulators: packed rows call the head twice
         head_bytes += workers * V * h * 4 * (2 if packed else 1)
     rows.append(("head chunks", head_bytes, f"{workers} x fp32 [{chunk}, {V}] logits"))
