@@ -331,7 +331,7 @@ def flex(q, k, v, block_mask: BlockMask, gqa: bool, width: Optional[int] = None)
         pad = (0, 0, 0, width - T)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     if q.device.type in FLEX_DEVICES:
-        _mark_dynamic(q, k, v, *[t for t in block_mask.as_tuple() if isinstance(t, torch.Tensor)])
+        _mark_dynamic(q, k, v, *[t for t in vars(block_mask).values() if isinstance(t, torch.Tensor)])
         y = _compiled(flex_attention, FLEX_BACKEND)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     else:
         with warnings.catch_warnings():  # "called without torch.compile()": intended here
