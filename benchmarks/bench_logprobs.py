@@ -10,8 +10,9 @@ naive (`log_softmax(logits.float())` + gather), compile (torch.compile of naive)
 (sequence_logprobs backend="torch"), triton (backend="triton", CUDA only). Group "head" starts from
 hidden [B, T, H] and the head weight [V, H]: head_naive (hidden @ weight.T, then naive: the
 logits-materialising path), head_torch and head_triton (hidden @ weight.T, then minidpo's torch or
-triton backend; triton on CUDA only) and fused_head (sequence_logprobs_from_hidden). Ratios
-compare each provider with its group's first one.
+triton backend; triton on CUDA only), fused_head (sequence_logprobs_from_hidden: on CUDA each
+chunk through the Triton kernels) and fused_head_torch (the same with torch ops per chunk; CUDA
+only, on CPU it is fused_head). Ratios compare each provider with its group's first one.
 Labels: the first --prompt-frac of each sequence is ignore_index (a DPO prompt), the rest random.
 
 Method. Threads: every provider runs with the same torch.get_num_threads() (--threads; default
@@ -53,8 +54,9 @@ from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden  #
 PROVIDERS = {  # name -> group
     "naive": "logits", "compile": "logits", "torch": "logits", "triton": "logits",
     "head_naive": "head", "head_torch": "head", "head_triton": "head", "fused_head": "head",
+    "fused_head_torch": "head",
 }
-CUDA_ONLY = ("triton", "head_triton")
+CUDA_ONLY = ("triton", "head_triton", "fused_head_torch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Memory bandwidth from the vendors' spec sheets, bytes/s, by a substring of the device name.
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12,
@@ -101,8 +103,9 @@ def make_forward(name, args):
         backend = name.split("_")[1]
         return lambda x: sequence_logprobs(x["hidden"] @ x["weight"].t(), x["labels"],
                                            backend=backend)
+    backend = "torch" if name == "fused_head_torch" else "auto"
     return lambda x: sequence_logprobs_from_hidden(
-        x["hidden"], x["weight"], x["labels"], chunk_tokens=args.chunk_tokens)
+        x["hidden"], x["weight"], x["labels"], chunk_tokens=args.chunk_tokens or None, backend=backend)
 
 
 def _sync(device):
@@ -365,7 +368,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompt-frac", type=float, default=0.25)
-    p.add_argument("--chunk-tokens", type=int, default=512)
+    p.add_argument("--chunk-tokens", type=int, default=0,
+                   help="fused-head chunk (0: minidpo's default for the device, 512 on CPU)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for every provider (0: torch's default)")
     p.add_argument("--train-head", action="store_true", help="the head weight also gets a gradient")

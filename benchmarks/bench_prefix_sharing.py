@@ -15,7 +15,7 @@ to half the step's, which caps any body saving near 1.2x whatever the layout doe
 keeps the head's share of the step near Mistral-7B's (printed as `head %`, with Mistral-7B's on the
 same batches) at a size two CPU cores can step in seconds. Its attention share is still larger
 than at 7B. `--vocab` overrides either shape's vocabulary. `--attention` picks the packed rows'
-attention (`sdpa`: `minidpo.prefix.packed_attention`, the default; `flex`: FlexAttention, CUDA only)
+attention (`sdpa`: `minidpo.prefix.PackedAttention`, the default; `flex`: FlexAttention, CUDA only)
 and `--device cuda` runs on a GPU (peak memory: max_memory_allocated over the steps instead of RSS).
 LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down; the reference is the same model with its
 adapters off; sigmoid loss; batch 4 pairs; AdamW.
@@ -116,8 +116,10 @@ for s, indices in enumerate(order):
         rows, width = batch["input_ids"].shape
         real = int((batch["segments"] >= 0).sum()) if shared else int(batch["attention_mask"].sum())
         times[str(shared)].append((seconds, batch["tokens"], rows, width, batch["scored"], real))
+from torch._dynamo.utils import counters
 print("RESULT " + json.dumps({"times": {k: v[spec["warmup"]:] for k, v in times.items()},
-      "extra_peak": (torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")) - base}), flush=True)
+      "extra_peak": (torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")) - base,
+      "graphs": counters["stats"]["unique_graphs"]}), flush=True)
 """.replace("BATCH", str(BATCH))
 
 
@@ -166,7 +168,8 @@ def run_child(shape: dict, profile: str, layouts: list, args, steps: int) -> dic
 
 def report(name: str, shape: dict, profile: str, args) -> None:
     """Time both layouts alternating, measure each one's peak, print two table rows."""
-    timed = run_child(shape, profile, [False, True], args, args.steps)["times"]
+    result = run_child(shape, profile, [False, True], args, args.steps)
+    timed = result["times"]
     peaks = {shared: run_child(shape, profile, [shared], args, 1)["extra_peak"] for shared in (False, True)}
     ratios = [a[0] / b[0] for a, b in zip(timed["False"], timed["True"])]
     flops, at_7b = flop_summary(shape, timed), flop_summary(MISTRAL_7B, timed)
@@ -180,7 +183,7 @@ def report(name: str, shape: dict, profile: str, args) -> None:
                   f"{100 * flops['attention']:.0f} ({100 * at_7b['attention']:.1f})")
         print(f"| {name} | {profile} | {'shared' if shared else 'unshared'} | {statistics.median(steps):.3f} | "
               f"{min(steps):.3f}-{max(steps):.3f} | {tps:.0f} | {peaks[shared] / 2**20:.0f} | "
-              f"{100 * pad_share(rows):.0f} | {shares} | {ideal} | {speed} |", flush=True)
+              f"{100 * pad_share(rows):.0f} | {shares} | {ideal} | {speed} | {result['graphs']} |", flush=True)
 
 
 def main(argv=None):
@@ -206,9 +209,11 @@ def main(argv=None):
           f"batches {'grouped by length' if args.group_by_length else 'random'}")
     print("head %, attention %: shares of the unshared step's forward multiply-adds, Mistral-7B's on the "
           "same batches in brackets; FLOP ratio: unshared / shared (Mistral-7B's in brackets)")
+    print("graphs: torch.compile graphs made in the timing run (FlexAttention: the attention and its block "
+          "mask once, whatever the widths; sdpa: 0)")
     print("| shape | profile | layout | step s (median) | spread | tokens/s | extra peak RSS MiB | pad % | "
-          "head % | attention % | FLOP ratio | speedup (median of paired steps) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "head % | attention % | FLOP ratio | speedup (median of paired steps) | graphs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.shapes:
         shape = {**SHAPES[name], **({"vocab_size": args.vocab} if args.vocab else {})}
         for profile in args.profiles:

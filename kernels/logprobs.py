@@ -22,6 +22,14 @@ g[b] * s[b] * m * (onehot - softmax) once, in the logits' dtype, with no fp32 [B
 
 Labels are checked on the host before the launch (`check_labels=True`, one small reduction and a
 device sync); set MINIDPO_CHECK_LABELS=0 to skip it, the kernels then give NaN for a bad label.
+
+The fused head (minidpo.logprobs.sequence_logprobs_from_hidden) runs the same two kernels on each
+fp32 [n, V] chunk of logits it builds: `rows_forward` (token log-prob and lse per row) and
+`rows_backward_` (the gradient written over the chunk, in place: each program reads a block of
+its row before it writes that block).
+
+GPU_COMPILE_CASES lists the (kernel, signature, constexprs, options) of every launch
+configuration, so CI compiles each for real GPUs without one (tests/test_kernels_compile.py).
 """
 import os
 
@@ -126,22 +134,39 @@ def logprobs_forward(logits, labels, ignore_index=-100, *, check_labels=True, bl
     return token_logps, lse
 
 
-def logprobs_backward(logits, labels, lse, gscale, ignore_index=-100, *, block_v=None):
+def logprobs_backward(logits, labels, lse, gscale, ignore_index=-100, *, block_v=None, out=None):
     """d(sum_b gscale[b] * sum_t logp[b, t]) / d logits: [B, T, V] contiguous, in the logits' dtype.
 
     lse [B, T] fp32 from `logprobs_forward`; gscale [B] fp32 (upstream gradient times s[b]).
+    `out`: a contiguous [B, T, V] tensor of the logits' dtype to write into (the logits themselves
+    when contiguous: each program reads a block before it writes it).
     """
     block_v, num_warps = _launch_config(logits, block_v)
     B, T, V = logits.shape
     if lse.shape != (B, T) or gscale.shape != (B,):
         raise ValueError(f"lse {tuple(lse.shape)} / gscale {tuple(gscale.shape)} do not match logits "
                          f"{tuple(logits.shape)}")
-    grad = torch.empty((B, T, V), device=logits.device, dtype=logits.dtype)
+    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {logits.dtype} tensor of shape {tuple(logits.shape)}")
+    grad = torch.empty((B, T, V), device=logits.device, dtype=logits.dtype) if out is None else out
     if B * T:
         _logprobs_bwd_kernel[(B * T,)](
             logits, labels, lse.contiguous(), gscale.float().contiguous(), grad, T, V,
             *logits.stride(), *labels.stride(), ignore_index, BLOCK_V=block_v, num_warps=num_warps)
     return grad
+
+
+def rows_forward(x, labels):
+    """x [n, V] (a fused-head chunk), labels [n] in [0, V) -> (token log-probs [n], lse [n]) fp32."""
+    token, lse = logprobs_forward(x[:, None], labels[:, None], check_labels=False)
+    return token[:, 0], lse[:, 0]
+
+
+def rows_backward_(x, labels, lse, g):
+    """Overwrite x [n, V] (contiguous) with g[i] * (onehot(labels[i]) - softmax(x[i])); -> x.
+    lse [n] from `rows_forward`, g [n] fp32."""
+    logprobs_backward(x[:, None], labels[:, None], lse[:, None], g.float().contiguous(), out=x[:, None])
+    return x
 
 
 class TritonSequenceLogprobs(torch.autograd.Function):
@@ -172,3 +197,23 @@ def triton_sequence_logprobs(logits, labels, *, ignore_index=-100, average=False
     """
     check_logprobs_inputs(logits, labels, ignore_index, check_labels=CHECK_LABELS)
     return TritonSequenceLogprobs.apply(logits, labels, ignore_index, average, block_v)
+
+
+def _compile_cases():
+    """Every launch configuration: logits fp32 (the fused head's chunks), bf16, fp16 with int64
+    labels, and int32 labels; ints as i32 (sizes and strides under 2**31); the largest vocabulary
+    block (V >= 4096) with its 8 warps."""
+    ints = {name: "i32" for name in ("T", "V", "stride_xb", "stride_xt", "stride_xv", "stride_lb",
+                                     "stride_lt", "ignore_index")}
+    cases = []
+    for x, y in (("fp32", "i64"), ("bf16", "i64"), ("fp16", "i64"), ("fp32", "i32")):
+        fwd = {"x_ptr": f"*{x}", "labels_ptr": f"*{y}", "token_ptr": "*fp32", "lse_ptr": "*fp32"}
+        bwd = {"x_ptr": f"*{x}", "labels_ptr": f"*{y}", "lse_ptr": "*fp32", "gscale_ptr": "*fp32",
+               "grad_ptr": f"*{x}"}
+        for kernel, pointers in ((_logprobs_fwd_kernel, fwd), (_logprobs_bwd_kernel, bwd)):
+            cases.append((kernel, {**pointers, **ints, "BLOCK_V": "constexpr"}, {"BLOCK_V": MAX_BLOCK_V},
+                          {"num_warps": 8}))
+    return cases
+
+
+GPU_COMPILE_CASES = _compile_cases()

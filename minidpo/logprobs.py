@@ -17,8 +17,19 @@ ops (see _run_chunks).
 
     sequence_logprobs_from_hidden(hidden [B, T, H], weight [V, H], labels [B, T]) -> [B] fp32
         the same with logits = hidden @ weight.T never built: scored tokens go through the head
-        chunk_tokens at a time; backward recomputes each chunk's logits.
+        chunk_tokens at a time (default_chunk_tokens: 512 on CPU, a fixed fp32 budget on CUDA);
+        backward recomputes each chunk's logits. Each chunk's log-softmax runs on the same
+        backends: on CUDA the Triton kernels (log-sum-exp and the label's logit in one pass; the
+        gradient written once, into the chunk itself), on CPU the torch ops.
+
+Precision. Every logit the head makes is accumulated and kept in fp32: half inputs go through
+torch.mm(..., out_dtype=torch.float32) where it runs (CUDA, recent torch; `mm_fp32_output`), else
+the head weight is widened to fp32 once per call and the chunks are multiplied in fp32 (CPU; older
+torch on CUDA: 2 bytes more per weight for the call). A half logit rounded before the
+log-sum-exp (~1e-2 per token) never happens; `head_precision(device)` says which path runs.
 """
+import ctypes
+import functools
 import importlib
 import importlib.util
 import sys
@@ -37,8 +48,11 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 4-128, 32 rows ~5-10% slower, 4 rows slower again (per-op overhead).
 CHUNK_ELEMENTS = 1 << 18
 CHUNK_FRACTION = 16
-# Tokens per fused-head chunk: [512, 32000] fp32 is 64 MiB, and 512 rows keep a GEMM efficient.
+# Tokens per fused-head chunk on CPU: [512, 32000] fp32 is 64 MiB, and 512 rows keep a GEMM efficient.
 DEFAULT_CHUNK_TOKENS = 512
+# On CUDA: the fp32 [n, V] chunk (one per call: forward and backward run in it) within 256 MiB,
+# 2048 tokens at V = 32000: GEMMs of 2048 rows run near peak, and the extra memory stays bounded.
+GPU_CHUNK_BYTES = 256 << 20
 HEAD_GRAD_BLOCK_V = 2048  # vocabulary rows per partial sum in the fused head's grad of hidden
 LOG2_E = 1.4426950408889634
 
@@ -98,9 +112,10 @@ def triton_kernels():
         "(install triton on a CUDA machine for the fused kernels)") from _kernels_error
 
 
-def _import_kernels():
+def _import_kernels(module: str = "logprobs"):
+    """minidpo.kernels.<module>, also from a source tree that is not installed."""
     try:
-        return importlib.import_module("minidpo.kernels.logprobs")
+        return importlib.import_module(f"minidpo.kernels.{module}")
     except ModuleNotFoundError as e:
         if e.name != "minidpo.kernels":
             raise
@@ -114,7 +129,7 @@ def _import_kernels():
     sys.modules["minidpo.kernels"] = package
     spec.loader.exec_module(package)
     setattr(sys.modules["minidpo"], "kernels", package)
-    return importlib.import_module("minidpo.kernels.logprobs")
+    return importlib.import_module(f"minidpo.kernels.{module}")
 
 
 def sequence_logprobs(logits, labels, *, ignore_index=-100, average=False, backend="auto"):
@@ -232,20 +247,22 @@ def _scratch(logits, chunks):
     return torch.empty(rows, logits.shape[2], device=logits.device, dtype=torch.float32)
 
 
-def _run_chunks(work, chunks, device, make_state=lambda: None, shared=False):
+def _run_chunks(work, chunks, device, make_state=lambda: None, shared=False, parallel=True):
     """Call work(chunk, state) for every chunk; -> the states made, one per thread used.
 
     On CPU with several intra-op threads, the chunks are shared out to that many Python threads
-    whose ops run single-threaded (torch releases the GIL inside ops), each with its own state
+    whose ops run single-threaded (torch releases the GIL inside ops; each worker sets OpenMP's
+    thread count for itself only, the process keeps its own), each with its own state
     (scratch buffer, gradient accumulator). The alternative, every small op of every chunk a
     parallel region of its own, stalls badly (5x measured) when the cores are shared.
     shared=False: thread i does chunks i, i + threads, ... (a fixed split, so per-thread
     accumulators add up in the same order every run). shared=True: each thread takes the next
     chunk nobody has taken, so a thread whose core another process is using does fewer; only for
-    work whose result does not depend on which thread does a chunk.
+    work whose result does not depend on which thread does a chunk. parallel=False: all on the
+    calling thread (the Triton interpreter is not thread-safe).
     """
     threads = min(torch.get_num_threads(), len(chunks))
-    if device.type != "cpu" or threads <= 1:
+    if device.type != "cpu" or threads <= 1 or not parallel:
         state = make_state()
         for c in chunks:
             work(c, state)
@@ -264,19 +281,33 @@ def _run_chunks(work, chunks, device, make_state=lambda: None, shared=False):
             yield c
 
     def worker(i):
+        _single_threaded_here()
         with torch.no_grad():  # grad mode is per thread; the chunks build no graph
             state = make_state()
             for c in next_chunks(i):
                 work(c, state)
             return state
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide while this runs; restored below
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(worker, range(threads)))
+
+
+@functools.cache
+def _omp_set_num_threads():
+    """OpenMP's omp_set_num_threads (torch's intra-op threads), or None where it cannot be found."""
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(worker, range(threads)))
-    finally:
-        torch.set_num_threads(before)
+        return ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+
+
+def _single_threaded_here():
+    """Run torch's ops on the calling thread single-threaded, through OpenMP's setting for that
+    thread alone: torch.set_num_threads would change every thread of the process."""
+    torch.get_num_threads()  # torch gives a new thread its OpenMP count on first use: let it, then override
+    set_threads = _omp_set_num_threads()
+    if set_threads is not None:
+        set_threads(1)
 
 
 def torch_token_logprobs(logits, labels, ignore_index):
@@ -308,6 +339,25 @@ def _unscored_rows(B, T, b, t, n):
     return [range(rows[s], rows[s] + c) for s, c in _runs(rows, n)]
 
 
+@functools.cache
+def softmax_out_available() -> bool:
+    """Whether the private `torch._softmax(x, dim, False, out=...)` runs (public softmax has no out=)."""
+    x = torch.zeros(1, 2)
+    try:
+        torch._softmax(x, 1, False, out=torch.empty_like(x))
+        return True
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+
+
+def _softmax_into(src, out):
+    """out = softmax(src, dim=1), written straight into out where torch._softmax allows, else the
+    same values through a temporary (older or newer torch without that private entry point)."""
+    if softmax_out_available():
+        return torch._softmax(src, 1, False, out=out)
+    return out.copy_(torch.softmax(src, 1))
+
+
 def torch_token_grad(logits, labels, b, t, g):
     """d(sum_i g[i] * logp_i) / d logits for the scored tokens (b, t) with weights g [N] (from
     torch_token_logprobs): [B, T, V] contiguous in the logits' dtype.
@@ -331,7 +381,7 @@ def torch_token_grad(logits, labels, b, t, g):
         # CPU softmax has no half-to-fp32 variant: half chunks are widened into the scratch first.
         src = x if x.dtype == torch.float32 else out.copy_(x)
         g_c = g[c.s:c.s + n, None]
-        torch._softmax(src, 1, False, out=out).mul_(-g_c)  # the private op: public softmax has no out=
+        _softmax_into(src, out).mul_(-g_c)
         out.scatter_add_(1, y[c.s:c.s + n, None], g_c)  # + g at the label: g (onehot - p)
         if target is None:
             grad.index_copy_(0, c.b * T + c.t, out.to(grad.dtype))
@@ -384,15 +434,36 @@ class ChunkedSequenceLogprobs(torch.autograd.Function):
 # The fused head: logits = hidden @ weight.T, built chunk_tokens scored tokens at a time.
 # ---------------------------------------------------------------------------------------------
 
-def _mm_fp32(a, b):
-    """a [n, k] @ b [k, m] -> fp32, accumulated and returned in fp32 whatever the input dtype."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
+_MM_FP32_OUTPUT = {}  # device type -> whether torch.mm(half, half, out_dtype=torch.float32) runs there
+
+
+def mm_fp32_output(device) -> bool:
+    """Whether torch.mm takes `out_dtype=torch.float32` for bf16 inputs on `device` (CUDA in torch
+    releases that have it; not CPU): tried once per device type on 1 x 1 matrices."""
+    kind = torch.device(device).type
+    if kind not in _MM_FP32_OUTPUT:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # older torch: half output, rounded once
-            return (a @ b).float()
+            _MM_FP32_OUTPUT[kind] = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):  # no such argument, or no kernel here
+            _MM_FP32_OUTPUT[kind] = False
+    return _MM_FP32_OUTPUT[kind]
+
+
+def head_precision(device) -> str:
+    """How the fused head makes fp32 logits from half weights on `device` (see the docstring)."""
+    if mm_fp32_output(device):
+        return "half inputs, fp32 accumulation and output (torch.mm out_dtype=float32)"
+    return "fp32: the half head weight widened once per call (no half matmul with fp32 output here)"
+
+
+def _mm_fp32(a, b):
+    """a [n, k] @ b [k, m] -> fp32, accumulated and returned in fp32: half inputs through torch.mm's
+    fp32 output where it runs, otherwise both widened first (never a half result widened after)."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.dtype == b.dtype and mm_fp32_output(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 
@@ -402,9 +473,9 @@ def head_logits(h, weight):
 
 
 def _head_weight(weight, device):
-    """The weight the chunks multiply by: a single fp32 copy for half weights on CPU
-    (CPU has no half GEMM with fp32 output), the weight itself otherwise."""
-    if weight.dtype != torch.float32 and device.type == "cpu":
+    """The weight the chunks multiply by: a single fp32 copy of a half weight where no half matmul
+    has an fp32 output (CPU; CUDA without torch.mm's out_dtype), the weight itself otherwise."""
+    if weight.dtype != torch.float32 and not mm_fp32_output(device):
         return weight.float()
     return weight
 
@@ -425,7 +496,7 @@ def _token_chunks(count, chunk_tokens):
     return [slice(c0, min(c0 + chunk_tokens, count)) for c0 in range(0, count, chunk_tokens)]
 
 
-def _fused_forward(hidden, weight, labels, b, t, chunk_tokens):
+def _fused_forward(hidden, weight, labels, b, t, chunk_tokens, kernels):
     """-> (token log-probs [N] fp32, lse [N] fp32) for the scored tokens at (b, t)."""
     w = _head_weight(weight, hidden.device)
     token = torch.empty(b.numel(), device=hidden.device, dtype=torch.float32)
@@ -433,11 +504,15 @@ def _fused_forward(hidden, weight, labels, b, t, chunk_tokens):
 
     def work(s, _):
         logits = head_logits(hidden[b[s], t[s]], w)  # [n, V] fp32, the chunk's only big buffer
-        x_y = logits.gather(1, labels[b[s], t[s]][:, None]).squeeze(1)
+        y = labels[b[s], t[s]]
+        if kernels is not None:  # one pass: log-sum-exp and the label's logit
+            token[s], lse[s] = kernels.rows_forward(logits, y)
+            return
+        x_y = logits.gather(1, y[:, None]).squeeze(1)
         lse_c = _row_lse(logits, logits)  # consumes the logits
         token[s], lse[s] = x_y - lse_c, lse_c
 
-    _run_chunks(work, _token_chunks(b.numel(), chunk_tokens), hidden.device)
+    _run_chunks(work, _token_chunks(b.numel(), chunk_tokens), hidden.device, parallel=kernels is None)
     return token, lse
 
 
@@ -448,10 +523,13 @@ def _fused_backward(ctx, hidden, weight, labels, b, t, lse, g_tok):
     grad_h = torch.zeros_like(hidden) if want_h else None
 
     def work(s, grad_w):
-        h, g = hidden[b[s], t[s]], g_tok[s]
+        h, g, y = hidden[b[s], t[s]], g_tok[s], labels[b[s], t[s]]
         logits = head_logits(h, w)
-        d = _exp_shifted(logits, lse[s, None], logits).mul_(-g[:, None])
-        d[torch.arange(g.numel(), device=d.device), labels[b[s], t[s]]] += g  # g (onehot - p)
+        if ctx.kernels is not None:  # g (onehot - p), written once, over the logits
+            d = ctx.kernels.rows_backward_(logits, y, lse[s], g)
+        else:
+            d = _exp_shifted(logits, lse[s, None], logits).mul_(-g[:, None])
+            d[torch.arange(g.numel(), device=d.device), y] += g  # g (onehot - p)
         if want_h:
             grad_h[b[s], t[s]] = _hidden_grad(d, w).to(hidden.dtype)
         if want_w:
@@ -460,7 +538,8 @@ def _fused_backward(ctx, hidden, weight, labels, b, t, lse, g_tok):
     def accumulator():  # one per thread: fp32 [V, H]
         return torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
 
-    accs = _run_chunks(work, _token_chunks(b.numel(), ctx.chunk_tokens), hidden.device, accumulator)
+    accs = _run_chunks(work, _token_chunks(b.numel(), ctx.chunk_tokens), hidden.device, accumulator,
+                       parallel=ctx.kernels is None)
     if not want_w:
         return grad_h, None
     for acc in accs[1:]:
@@ -469,18 +548,19 @@ def _fused_backward(ctx, hidden, weight, labels, b, t, lse, g_tok):
 
 
 class FusedHeadLogprobs(torch.autograd.Function):
-    """Head + log-prob over scored tokens; saves (b, t, lse) per scored token, nothing per chunk."""
+    """Head + log-prob over scored tokens; saves (b, t, lse) per scored token, nothing per chunk.
+    `kernels`: minidpo.kernels.logprobs for the Triton chunk kernels, None for the torch ops."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, average, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, ignore_index, average, chunk_tokens, kernels):
         labels = labels.long()
         b, t = _scored_positions(labels, ignore_index)
-        token, lse = _fused_forward(hidden, weight, labels, b, t, chunk_tokens)
+        token, lse = _fused_forward(hidden, weight, labels, b, t, chunk_tokens, kernels)
         scale = sequence_scale(labels, ignore_index, average)
         out = torch.zeros(labels.shape[0], device=hidden.device, dtype=torch.float64)
         out.index_add_(0, b, token.double())  # float64 sums, as the torch path's
         ctx.save_for_backward(hidden, weight, labels, b, t, lse, scale)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.kernels = chunk_tokens, kernels
         return out.float() * scale
 
     @staticmethod
@@ -488,7 +568,15 @@ class FusedHeadLogprobs(torch.autograd.Function):
         hidden, weight, labels, b, t, lse, scale = ctx.saved_tensors
         g_tok = (grad_out.float() * scale)[b]
         grad_h, grad_w = _fused_backward(ctx, hidden, weight, labels, b, t, lse, g_tok)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def default_chunk_tokens(vocab_size: int, device) -> int:
+    """Tokens per fused-head chunk: DEFAULT_CHUNK_TOKENS on CPU; on CUDA as many as keep the fp32
+    [n, V] chunk within GPU_CHUNK_BYTES, a multiple of 128 and at least 128."""
+    if torch.device(device).type != "cuda":
+        return DEFAULT_CHUNK_TOKENS
+    return max(128, GPU_CHUNK_BYTES // (4 * vocab_size) // 128 * 128)
 
 
 def _check_head_inputs(hidden, weight, labels, ignore_index, chunk_tokens):
@@ -500,22 +588,31 @@ def _check_head_inputs(hidden, weight, labels, ignore_index, chunk_tokens):
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
-    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     _check_labels(labels, (*hidden.shape[:2], weight.shape[0]), hidden.device, ignore_index, True)
 
 
 def sequence_logprobs_from_hidden(hidden, weight, labels, *, ignore_index=-100, average=False,
-                                  chunk_tokens=DEFAULT_CHUNK_TOKENS):
+                                  chunk_tokens=None, backend="auto"):
     """hidden [B, T, H], weight [V, H] (the LM head; same dtype), labels [B, T] -> [B] fp32.
 
     Equals sequence_logprobs(hidden @ weight.T, labels) without building the [B, T, V] logits:
-    only scored tokens go through the head, chunk_tokens at a time (fp32 logits for each chunk,
-    accumulated in fp32), and backward recomputes each chunk. The gradient of hidden is computed
-    always when hidden requires grad, that of weight only when weight does (accumulated in fp32).
-    Extra memory, independent of B and T: one fp32 [chunk_tokens, V] chunk per worker (on CPU one
-    worker per torch thread, on CUDA one), an fp32 copy of a half weight on CPU, and an fp32
-    [V, H] accumulator per worker when weight requires grad.
+    only scored tokens go through the head, chunk_tokens at a time (None: default_chunk_tokens
+    for the device; fp32 logits for each chunk, accumulated in fp32), and backward recomputes
+    each chunk. Each chunk's log-softmax takes `backend` ("auto": the Triton kernels on CUDA, the
+    torch ops elsewhere; "triton" also on CPU under TRITON_INTERPRET=1). The gradient of hidden is
+    computed always when hidden requires grad, that of weight only when weight does (accumulated
+    in fp32). Extra memory, independent of B and T: one fp32 [chunk_tokens, V] chunk per worker
+    (on CPU one worker per torch thread, on CUDA one), an fp32 copy of a half weight where
+    `head_precision` says so, and an fp32 [V, H] accumulator per worker when weight requires grad.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_head_inputs(hidden, weight, labels, ignore_index, chunk_tokens)
-    return FusedHeadLogprobs.apply(hidden, weight, labels, ignore_index, average, chunk_tokens)
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.device)
+    if backend == "auto":
+        backend = "triton" if _triton_usable(hidden) else "torch"
+    kernels = triton_kernels() if backend == "triton" else None
+    return FusedHeadLogprobs.apply(hidden, weight, labels, ignore_index, average, chunk_tokens, kernels)

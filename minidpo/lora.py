@@ -6,7 +6,11 @@ state-dict keys never change; it adds `lora_A` (r, in) and `lora_B` (out, r) and
     y = x W^T + b + scale * dropout(x) A^T B^T,        scale = alpha / r.
 
 The adapter path runs in the adapters' dtype (fp32 by default) and its result is cast to the output
-dtype, so a bf16 base stays bf16 throughout: no fp32 copy of a base weight is ever made.
+dtype, so a bf16 base stays bf16 throughout: no fp32 copy of a base weight is ever made. Under
+autocast (bf16 on CUDA, as training runs) the adapter matmuls run in the autocast dtype with fp32
+accumulation, as autocast runs every matmul; the adapters' weights (the optimizer's master copy)
+and their gradients stay fp32. Their input is then not widened to fp32 first: autocast would
+narrow it again, and the widened copy would be kept for backward in every adapted layer.
 
 The DPO reference model is the same model under `lora_disabled(model)`: no second copy of the weights.
 Adapters are read and written as PEFT does (`adapter_config.json`, `adapter_model.safetensors`,
@@ -75,7 +79,9 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:  # merged: the weight already holds scale * B A
             return y
-        a = self.dropout(x.to(self.lora_A.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast: its dtype (docstring)
+            x = x.to(self.lora_A.weight.dtype)
+        a = self.dropout(x)
         # Scale the rank-r activations, not the (..., out) ones: same product, r/out of the work.
         delta = self.lora_B(self.lora_A(a) * self.scale)
         return y + delta.to(y.dtype)

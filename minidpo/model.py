@@ -4,10 +4,23 @@ windows), switched by the fields of `MistralConfig` that their `config.json` fil
 
 RMSNorm (computed in fp32), rotate-half RoPE, grouped-query attention through
 `scaled_dot_product_attention`, sliding-window attention as Mistral defines it (query i sees
-key j when i - window < j <= i, counted in sequence indices), a SwiGLU MLP, a tied or untied head,
-a KV cache for generation and optional activation checkpointing. Packed rows (prefix sharing) pass
-a ready mask: a boolean tensor for SDPA, or a FlexAttention `BlockMask`, which skips fully masked
-blocks (compiled on CUDA; eager, exact and slow, elsewhere).
+key j when i - window < j <= i, counted in sequence indices; each layer its own window,
+`MistralConfig.layer_window`), a SwiGLU MLP, a tied or untied head, a KV cache for generation and
+optional activation checkpointing.
+
+Attention takes no mask where none is needed, so CUDA runs flash attention (which accepts no mask;
+the kernels that accept one may not take grouped-query heads and fall back to the math kernel,
+which materialises the scores: ~4 GiB per layer at 7B with 16 pairs of 1,024 tokens):
+    no padding, or right padding (pads follow every real token, so causality hides them; pads are
+        never scored): one `is_causal=True` call (`causal_attention`);
+    left padding (generation) on CUDA: one call per distinct pad count with the pads sliced off:
+        causal for the prompt, no mask for a one-token decode step (`LeftPadded`; on CPU one
+        masked call is faster than several small ones);
+    packed rows (prefix sharing): two causal calls (`minidpo.prefix.PackedAttention`).
+What still takes a mask says why (`sdpa(..., reason=...)`): a sliding window that binds (CPU: a
+small (T, T) band; CUDA: compiled FlexAttention, which skips the blocks outside the band), left
+padding on CPU, new tokens after cached ones (chunked prefill), a 2-D mask with holes, a ready mask
+from the caller.
 """
 import dataclasses
 import functools
@@ -21,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -251,12 +264,13 @@ class Attention(nn.Module):
     def __init__(self, c: MistralConfig, layer_idx: int):
         super().__init__()
         self.layer_idx, self.n_heads, self.n_kv, self.head_dim = layer_idx, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.window = c.layer_window(layer_idx)
         self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None):
+    def forward(self, x, cos, sin, attend, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -266,29 +280,175 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         # enable_gqa shares each key/value head with its group of query heads without copying
         # k and v H/Hkv times per layer (same numbers as repeat_interleave).
-        gqa = self.n_heads != self.n_kv
-        if isinstance(mask, BlockMask):
-            y = flex(q, k, v, mask, gqa)  # (B, H, T, D)
-        elif callable(mask):  # a packed layout's own exact attention (minidpo.prefix.PackedAttention)
-            y = mask(q, k, v, enable_gqa=gqa)  # (B, H, T, D)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+        y = attend(q, k, v, window=self.window, enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Attention plans: callables `(q, k, v, *, window, enable_gqa) -> y` that every layer calls with its
+# own window; q (B, H, T, D), k and v (B, Hkv, S, D), y (B, H, T, D).
+
+WINDOW_ON_CPU = "sliding window that binds, on CPU (a (T, T) band; CUDA takes FlexAttention)"
+CHUNKED_PREFILL = "new tokens after cached ones: causal from the bottom right"
+HOLES = "a 2-D attention_mask that is neither left- nor right-padded"
+LEFT_PAD_ON_CPU = "left padding on CPU: one masked call is faster there than one call per pad count"
+READY_MASK = "a ready 4-D mask from the caller"
+FLEX_DEVICES = ("cuda",)  # where a binding window takes compiled FlexAttention instead of a mask
+PAD_GROUP_DEVICES = ("cuda",)  # where left padding takes one mask-free call per pad count
+FLEX_BACKEND = "inductor"  # torch.compile backend of FlexAttention (tests use "eager")
+FLEX_BLOCK = 128  # FlexAttention's block size (create_block_mask's default)
+
+
+def sdpa(q, k, v, *, mask=None, causal=False, gqa=False, reason=None):
+    """The one call of scaled_dot_product_attention. A `mask` comes with the `reason` it is needed:
+    with a mask CUDA cannot run flash attention (see the module docstring)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def causal_band(q_len: int, S: int, window: Optional[int], device) -> torch.Tensor:
+    """(q_len, S) bool: query i, the last q_len of S positions, sees key j when i - window < j <= i."""
+    q_idx = torch.arange(S - q_len, S, device=device)[:, None]  # (q_len, 1)
+    k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    return allowed
+
+
+def causal_attention(q, k, v, *, window=None, enable_gqa=False):
+    """Causal self-attention over T tokens (k, v as long as q): query i sees keys i - window < j <= i.
+    No mask unless the window binds (window < T): then a band on CPU, FlexAttention on CUDA."""
+    T = q.shape[2]
+    if window is None or window >= T:
+        return sdpa(q, k, v, causal=True, gqa=enable_gqa)
+    if q.device.type in FLEX_DEVICES:
+        width = _flex_width(T)
+        return flex(q, k, v, window_block_mask(width, window, q.device), enable_gqa, width)
+    band = causal_band(T, T, window, q.device)
+    return sdpa(q, k, v, mask=band, gqa=enable_gqa, reason=WINDOW_ON_CPU)
+
+
+def last_queries_attention(q, k, v, *, window=None, enable_gqa=False):
+    """Causal attention of q (B, H, Tq, D), the last Tq of the Sk tokens of k, v (B, Hkv, Sk, D)."""
+    Tq, Sk = q.shape[2], k.shape[2]
+    if Tq == Sk:
+        return causal_attention(q, k, v, window=window, enable_gqa=enable_gqa)
+    if Tq == 1:  # a decode step sees every key within its window: slice, no mask
+        start = 0 if window is None else max(Sk - window, 0)
+        return sdpa(q, k[:, :, start:], v[:, :, start:], gqa=enable_gqa)
+    band = causal_band(Tq, Sk, window, q.device)
+    return sdpa(q, k, v, mask=band, gqa=enable_gqa, reason=CHUNKED_PREFILL)
+
+
+class LeftPadded:
+    """Attention for left-padded rows (generation): row b's real keys are starts[b] .. S-1.
+
+    Rows with the same start go through one call with their pads sliced off, so no mask is needed
+    (`last_queries_attention`); the outputs of pad queries are zeros (never used, never NaN). Rows
+    sorted by length (as `minidpo.generate` batches them) make each group a slice: no copies.
+    """
+
+    def __init__(self, starts: list):
+        self.groups = {}
+        for b, start in enumerate(starts):
+            self.groups.setdefault(start, []).append(b)
+
+    def __call__(self, q, k, v, *, window=None, enable_gqa=False):
+        B, _, T, _ = q.shape
+        S = k.shape[2]
+        if list(self.groups) == [0]:
+            return last_queries_attention(q, k, v, window=window, enable_gqa=enable_gqa)
+        y = q.new_zeros(q.shape)  # (B, H, T, D)
+        for start, rows in self.groups.items():
+            first = max(start - (S - T), 0)  # new tokens before `start` are pads
+            if first < T:
+                contiguous = rows[-1] - rows[0] + 1 == len(rows)
+                r = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=q.device)
+                y[r, :, first:] = last_queries_attention(q[r, :, first:], k[r, :, start:], v[r, :, start:],
+                                                         window=window, enable_gqa=enable_gqa)
+        return y
+
+
+class MaskedAttention:
+    """SDPA with a boolean (B, 1, T, S) mask, built once per window by `build(window)`."""
+
+    def __init__(self, build, reason: str):
+        self.build, self.reason, self.masks = build, reason, {}
+
+    def __call__(self, q, k, v, *, window=None, enable_gqa=False):
+        if window not in self.masks:
+            self.masks[window] = self.build(window)
+        return sdpa(q, k, v, mask=self.masks[window], gqa=enable_gqa, reason=self.reason)
+
+
+def attention_plan(attention_mask, q_len: int):
+    """The attention for a (B, S) 0/1 mask whose last q_len columns are the new tokens (one sync)."""
+    S = attention_mask.shape[1]
+    real = attention_mask.bool()
+    if q_len == S and not bool((real[:, 1:] & ~real[:, :-1]).any()):  # no pad before a real token
+        return causal_attention
+    build = lambda window: attention_mask_4d(attention_mask, q_len, window)  # noqa: E731
+    if not bool((real[:, :-1] & ~real[:, 1:]).any()):  # left padding, or none: once real, real to the end
+        starts = (S - real.sum(1)).tolist()
+        if not any(starts) or attention_mask.device.type in PAD_GROUP_DEVICES:
+            return LeftPadded(starts)
+        return MaskedAttention(build, LEFT_PAD_ON_CPU)
+    return MaskedAttention(build, HOLES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FlexAttention: compiled where it runs fast (CUDA), with dynamic shapes so that a new width or batch
+# size does not recompile; eager elsewhere (exact, slow, no backward on CPU: tests only).
+
 @functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+def _compiled(fn, backend):
+    return torch.compile(fn, dynamic=True, backend=backend)
 
 
-def flex(q, k, v, block_mask: BlockMask, gqa: bool):
-    """FlexAttention: compiled on CUDA (a fused kernel that skips masked blocks); eager on CPU, which
-    is exact but slow (tests only: SDPA with a boolean mask is the CPU path)."""
-    if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    with warnings.catch_warnings():  # "called without torch.compile()": intended here
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+def _flex_width(T: int) -> int:
+    """Widths of one block are padded to two: a dimension of size 1 would be specialised (recompile)."""
+    return max(T, FLEX_BLOCK + 1)
+
+
+def _mark_dynamic(*tensors):
+    for t in tensors:
+        for dim in range(t.dim()):
+            if t.shape[dim] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def flex(q, k, v, block_mask: BlockMask, gqa: bool, width: Optional[int] = None):
+    """FlexAttention of q, k, v under `block_mask`, built for `width` >= T tokens (q, k, v are
+    padded to it: the extra keys come after every real query, the extra queries are dropped)."""
+    T = q.shape[2]
+    if width is not None and width > T:
+        pad = (0, 0, 0, width - T)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+    if q.device.type in FLEX_DEVICES:
+        _mark_dynamic(q, k, v, *[t for t in vars(block_mask).values() if isinstance(t, torch.Tensor)])
+        y = _compiled(flex_attention, FLEX_BACKEND)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    else:
+        with warnings.catch_warnings():  # "called without torch.compile()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return y[:, :, :T]
+
+
+def make_block_mask(mask_mod, B, width: int, device):
+    """create_block_mask, compiled where FlexAttention is (the dense (width, width) mask it would
+    otherwise evaluate eagerly is what flex avoids)."""
+    if torch.device(device).type in FLEX_DEVICES:
+        return _compiled(create_block_mask, FLEX_BACKEND)(mask_mod, B, None, width, width, device=device)
+    return create_block_mask(mask_mod, B, None, width, width, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def window_block_mask(width: int, window: int, device) -> BlockMask:
+    """Causal within `window` (on indices), for any batch: sliding-window FlexAttention."""
+    def allowed(b, h, q, k):
+        return (k <= q) & (k > q - window)
+
+    return make_block_mask(allowed, None, width, device)
 
 
 class MLP(nn.Module):
@@ -310,8 +470,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, attend, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -321,16 +481,11 @@ def attention_mask_4d(attention_mask, q_len: int, window: Optional[int]):
     attention_mask: (B, S) with 1 for real tokens; the last q_len keys are the queries.
     A padding query would see no key at all (NaN in softmax): it is let see itself.
     """
-    B, S = attention_mask.shape
-    device = attention_mask.device
-    q_idx = torch.arange(S - q_len, S, device=device)[:, None]  # (q_len, 1)
-    k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = k_idx <= q_idx
-    if window is not None:
-        allowed = allowed & (k_idx > q_idx - window)
-    mask = allowed[None] & attention_mask.bool()[:, None, :]  # (B, q_len, S)
-    mask = mask | (k_idx == q_idx)[None]
-    return mask[:, None]  # (B, 1, q_len, S)
+    S = attention_mask.shape[1]
+    band = causal_band(q_len, S, window, attention_mask.device)  # (q_len, S)
+    mask = band[None] & attention_mask.bool()[:, None, :]  # (B, q_len, S)
+    own = torch.arange(S - q_len, S, device=band.device)[:, None] == torch.arange(S, device=band.device)
+    return (mask | own[None])[:, None]  # (B, 1, q_len, S)
 
 
 class Backbone(nn.Module):
@@ -361,21 +516,28 @@ class Mistral(nn.Module):
         """Final-normed hidden states (B, T, H). With a cache, `attention_mask` covers cached + new tokens.
 
         `attention_mask` is (B, S) with 1 for real tokens, or for packed layouts a ready boolean
-        (B, 1, T, S) mask (True = may attend), a FlexAttention BlockMask, or a callable
-        `(q, k, v, enable_gqa=) -> y` used in place of SDPA (`minidpo.prefix.PackedAttention`);
-        those need `position_ids` and are used as they are, so they must already encode causality
-        and the sliding window.
+        (B, 1, T, S) mask (True = may attend), a FlexAttention BlockMask, or an attention plan
+        `(q, k, v, *, window, enable_gqa) -> y` (`minidpo.prefix.PackedAttention`); those need
+        `position_ids`. A ready mask or BlockMask is used as it is in every layer, so it must
+        already encode causality and the sliding window; a plan gets each layer's window.
         """
         B, T = input_ids.shape
-        ready = isinstance(attention_mask, BlockMask) or callable(attention_mask)
-        if ready or (attention_mask is not None and attention_mask.dim() == 4):
+        ready = isinstance(attention_mask, BlockMask) or (isinstance(attention_mask, torch.Tensor)
+                                                          and attention_mask.dim() == 4)
+        windows = {layer.self_attn.window for layer in self.model.layers}
+        if ready and len(windows) > 1:
+            raise ValueError(f"a ready mask serves every layer, but this model's layers attend with "
+                             f"different windows ({self.config.layer_types}); pass an attention plan")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+            attention_mask = MaskedAttention(lambda window: mask, READY_MASK)
+        elif isinstance(attention_mask, BlockMask):
+            block = attention_mask
+            attention_mask = lambda q, k, v, *, window, enable_gqa: flex(q, k, v, block, enable_gqa)  # noqa: E731
+        if callable(attention_mask):
             if position_ids is None or cache is not None:
                 raise ValueError("a 4-D attention_mask needs position_ids and no KV cache")
-            ready = attention_mask if ready else attention_mask.bool()
-            if len(self._windows()) > 1:
-                raise ValueError(f"a ready mask serves every layer, but this model's layers attend with "
-                                 f"different windows ({self.config.layer_types})")
-            return self._run_layers(self.model.embed_tokens(input_ids), position_ids, ready, None)
+            return self._run_layers(self.model.embed_tokens(input_ids), position_ids, attention_mask, None)
         past = cache.length if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
@@ -384,22 +546,17 @@ class Mistral(nn.Module):
         if position_ids is None:
             # Positions count real tokens only, so left/right padding does not move them.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        masks = {w: attention_mask_4d(attention_mask, T, w) for w in self._windows()}
-        return self._run_layers(self.model.embed_tokens(input_ids), position_ids, masks, cache)
+        plan = attention_plan(attention_mask, T)
+        return self._run_layers(self.model.embed_tokens(input_ids), position_ids, plan, cache)
 
-    def _windows(self) -> set:
-        return {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
-
-    def _run_layers(self, x, position_ids, mask, cache):
-        """`mask`: one ready mask for every layer, or {window: mask} picked by each layer's window."""
+    def _run_layers(self, x, position_ids, attend, cache):
         T = x.shape[1]
         cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            mask_i = mask[self.config.layer_window(i)] if isinstance(mask, dict) else mask
+        for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask_i, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attend, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask_i, cache)
+                x = layer(x, cos, sin, attend, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

@@ -2,11 +2,11 @@
 
     packed_collate(pairs, pad_id)      -> a packed batch of B rows (not 2B)
     packed_attention_mask(segments, position_ids, window) -> (B, 1, Tp, Tp) bool, True = may attend
-    packed_attention(segments, position_ids, window) -> PackedAttention (the same attention in two
-                                          cheaper SDPA calls) where no sliding window binds, else
-                                          the mask above (the default, `attention="sdpa"`)
-    packed_block_mask(segments, position_ids, window) -> the same rule as a FlexAttention BlockMask
-                                          (`attention="flex"`: CUDA; measured nowhere yet, so opt-in)
+                                          (the rule; tests compare against it)
+    PackedAttention(segments)          -> the same attention in two causal SDPA calls with no mask
+                                          (the default, `attention="sdpa"`)
+    PackedFlexAttention(segments, position_ids) -> the rule as FlexAttention BlockMasks
+                                          (`attention="flex"`: CUDA; opt-in)
     packed_logps(model, batch)         -> [2B] fp32, chosen rows then rejected rows, as the
                                           unshared `minidpo.train.batch_logps` orders them
 
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
+from minidpo.model import FLEX_DEVICES, _flex_width, _mark_dynamic, causal_attention, flex, make_block_mask
 
 IGNORE_INDEX = -100
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
@@ -43,8 +44,8 @@ def packed_collate(pairs: Sequence, pad_id: int) -> dict:
     """B TokenizedPairs -> `input_ids`, `position_ids`, `labels_chosen`, `labels_rejected` [B, Tp]
     int64 and `segments` [B, Tp] int8 (0 prompt, 1 chosen, 2 rejected, -1 pad); see the module doc.
 
-    The 4-D mask is not built here: it depends on the model's sliding window, and it is cheaper to
-    build on the device (`packed_attention_mask`, called by `packed_logps`).
+    The attention is not built here: it depends on each layer's sliding window, and its index
+    tables are cheaper to build on the device (`PackedAttention`, built by `packed_logps`).
     """
     if not pairs:
         raise ValueError("packed_collate: no pairs")
@@ -100,34 +101,22 @@ def packed_attention_mask(segments: torch.Tensor, position_ids: torch.Tensor,
     return allowed[:, None]  # (B, 1, Tp, Tp)
 
 
-def packed_attention(segments: torch.Tensor, position_ids: torch.Tensor, window: Optional[int]):
-    """The attention a packed batch needs: a `PackedAttention` when no sliding window binds (no two
-    tokens of a row are `window` positions apart), else `packed_attention_mask`'s dense mask.
-
-    `minidpo.model` takes either in place of the 2-D attention mask (see PackedAttention).
-    """
-    if window is None or window > int(position_ids.max()):
-        return PackedAttention(segments)
-    return packed_attention_mask(segments, position_ids, window)
-
-
 class PackedAttention:
-    """Exact attention over packed rows in two pieces instead of one dense masked (Tp, Tp) product.
+    """Exact attention over packed rows in two causal SDPA calls, with no mask (flash on CUDA):
+      1. indices 0 .. L1-1, L1 = max(n + mc), causally: exact for every prompt and chosen query,
+         whose causal keys are all prompt or chosen (outputs at rejected or pad indices in this
+         range are dropped);
+      2. each row's prompt + rejected tokens gathered into L2 = max(n + mr) slots, in order, so
+         they form the unshared rejected row (positions 0 .. n+mr-1), causally; the rejected
+         queries' outputs are scattered back to their indices (the prompt's are recomputed and
+         dropped: at 7B attention is ~2% of a token's FLOPs, the linear layers stay shared).
+    A sliding window is applied inside each piece on slot indices, which are the positions, by
+    `minidpo.model.causal_attention`. Slots past a row's end hold copies of index 0: they come
+    after every real query, so causality hides them. Pad outputs are zero or causal garbage:
+    pads are never scored and never attended.
 
-    With a dense mask, SDPA computes every query against every key of the row (on CPU, flash
-    skips key blocks only for `is_causal`), so a packed row of width Tp = n + mc + mr costs Tp^2
-    however little of it the mask allows. Here:
-      1. indices 0 .. L1-1, L1 = max(n + mc), causally (`is_causal`, blocks above the diagonal
-         skipped): exact for every prompt and chosen query, whose causal keys are all prompt or
-         chosen (outputs at rejected or pad indices in this range are dropped);
-      2. the rejected queries (Lr = max mr) against their row's prompt + rejected keys, gathered
-         into L2 = max(n + mr) slots, with a small mask: prompt keys, and rejected keys causally.
-    About L1^2 / 2 + Lr * L2 instead of Tp^2 per row and head. Pad outputs are zero (or causal
-    garbage inside piece 1): pads are never scored and never attended. Not for sliding windows
-    that bind: `packed_attention` then gives the dense mask.
-
-    Called as `attention(q, k, v, enable_gqa=...)` with q (B, H, Tp, D), k, v (B, Hkv, Tp, D)
-    -> (B, H, Tp, D), in place of `scaled_dot_product_attention(q, k, v, attn_mask=mask, ...)`.
+    Called as an attention plan `attention(q, k, v, window=, enable_gqa=)` with q (B, H, Tp, D),
+    k, v (B, Hkv, Tp, D) -> (B, H, Tp, D).
     """
 
     def __init__(self, segments: torch.Tensor):
@@ -135,28 +124,22 @@ class PackedAttention:
         width, device = segments.shape[1], segments.device
         n, mc, mr = [(segments == s).sum(1)[:, None] for s in (PROMPT, CHOSEN, REJECTED)]  # (B, 1) each
         self.l1 = max(int((n + mc).max()), 1)
-        r = torch.arange(max(int(mr.max()), 1), device=device)[None]  # (1, Lr) rejected offsets
-        j = torch.arange(max(int((n + mr).max()), 1), device=device)[None]  # (1, L2) gathered key slots
-        real_q, real_k = r < mr, j < n + mr  # (B, Lr), (B, L2)
-        # Index of rejected query r in the row; `width` (a slot past the row) where there is none.
-        self.q_index = torch.where(real_q, n + mc + r, width)  # (B, Lr)
-        # Key slot j: prompt index j, else rejected index j + mc; 0 (masked) past the row's keys.
-        self.k_index = torch.where(j < n, j, torch.where(real_k, j + mc, 0))  # (B, L2)
-        n3 = n[:, :, None]
-        allowed = (j[:, None] < n3) | ((j[:, None] - n3 <= r[..., None]) & real_k[:, None])  # (B, Lr, L2)
-        allowed = allowed | (~real_q[..., None] & (j[:, None] == 0))  # no query: see one key, not NaN
-        self.mask = allowed[:, None]  # (B, 1, Lr, L2)
+        j = torch.arange(max(int((n + mr).max()), 1), device=device)[None]  # (1, L2) gathered slots
+        rejected = (j >= n) & (j < n + mr)  # (B, L2)
+        # Slot j holds prompt index j, then rejected index j + mc; index 0 past the row's end.
+        self.index = torch.where(j < n, j, torch.where(rejected, j + mc, 0))  # (B, L2)
+        # Where slot j's output goes: a rejected token's index, else a spare slot past the row.
+        self.out_index = torch.where(rejected, j + mc, width)  # (B, L2)
 
-    def __call__(self, q, k, v, enable_gqa: bool = False):
+    def __call__(self, q, k, v, *, window=None, enable_gqa=False):
         B, H, width, D = q.shape
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        first = sdpa(q[:, :, :self.l1], k[:, :, :self.l1], v[:, :, :self.l1], is_causal=True,
-                     enable_gqa=enable_gqa)  # (B, H, L1, D)
-        rejected = sdpa(_take(q, self.q_index.clamp(max=width - 1)), _take(k, self.k_index),
-                        _take(v, self.k_index), attn_mask=self.mask, enable_gqa=enable_gqa)  # (B, H, Lr, D)
-        # One spare slot past the row takes the outputs of missing rejected queries.
-        y = torch.cat([first, first.new_zeros(B, H, width + 1 - self.l1, D)], dim=2)  # (B, H, Tp + 1, D)
-        y = y.scatter(2, self.q_index[:, None, :, None].expand(-1, H, -1, D), rejected)
+        l1 = self.l1
+        first = causal_attention(q[:, :, :l1], k[:, :, :l1], v[:, :, :l1], window=window,
+                                 enable_gqa=enable_gqa)  # (B, H, L1, D)
+        second = causal_attention(_take(q, self.index), _take(k, self.index), _take(v, self.index),
+                                  window=window, enable_gqa=enable_gqa)  # (B, H, L2, D)
+        y = torch.cat([first, first.new_zeros(B, H, width + 1 - l1, D)], dim=2)  # (B, H, Tp + 1, D)
+        y = y.scatter(2, self.out_index[:, None, :, None].expand(-1, H, -1, D), second)
         return y[:, :, :width]
 
 
@@ -165,22 +148,40 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
-def packed_block_mask(segments: torch.Tensor, position_ids: torch.Tensor, window: Optional[int]):
-    """`packed_attention_mask`'s rule as a FlexAttention BlockMask: blocks no query may attend are
-    skipped by the (compiled, CUDA) kernel. On CPU FlexAttention runs eagerly and has no backward."""
-    from torch.nn.attention.flex_attention import create_block_mask
+class PackedFlexAttention:
+    """`packed_attention_mask`'s rule as FlexAttention BlockMasks (one per window, built lazily):
+    blocks no query may attend are skipped by the compiled kernel (CUDA). The rows are padded to
+    at least two blocks (see `minidpo.model.flex`); segments and positions are marked dynamic,
+    so a new width or batch size does not recompile. On CPU FlexAttention runs eagerly and has no
+    backward."""
 
-    B, width = segments.shape
-    seg = segments.long()
+    def __init__(self, segments: torch.Tensor, position_ids: torch.Tensor):
+        width = _flex_width(segments.shape[1])
+        pad = (0, width - segments.shape[1])
+        self.seg = torch.nn.functional.pad(segments.long(), pad, value=PAD)  # (B, W)
+        self.pos = torch.nn.functional.pad(position_ids, pad)  # (B, W)
+        self.masks = {}
+
+    def __call__(self, q, k, v, *, window=None, enable_gqa=False):
+        if window not in self.masks:
+            self.masks[window] = packed_block_mask(self.seg, self.pos, window)
+        return flex(q, k, v, self.masks[window], enable_gqa, self.seg.shape[1])
+
+
+def packed_block_mask(segments: torch.Tensor, position_ids: torch.Tensor, window: Optional[int]):
+    """`packed_attention_mask`'s rule as a FlexAttention BlockMask over [B, W] segments/positions."""
+    seg, pos = segments.long(), position_ids
+    if seg.device.type in FLEX_DEVICES:
+        _mark_dynamic(seg, pos)
 
     def allowed(b, h, q, k):
-        sq, sk, pq, pk = seg[b, q], seg[b, k], position_ids[b, q], position_ids[b, k]
+        sq, sk, pq, pk = seg[b, q], seg[b, k], pos[b, q], pos[b, k]
         ok = ((sk == PROMPT) | (sk == sq)) & (pk <= pq) & (sq != PAD) & (sk != PAD)
         if window is not None:
             ok = ok & (pk > pq - window)
         return ok | (q == k)
 
-    return create_block_mask(allowed, B, None, width, width, device=segments.device)
+    return make_block_mask(allowed, seg.shape[0], seg.shape[1], seg.device)
 
 
 def _autocast(device: torch.device):
@@ -194,13 +195,15 @@ def packed_logps(model: nn.Module, batch: dict, *, average: bool = False) -> tor
     """[2B] fp32 log-probs of the chosen then the rejected replies of a packed batch (summed, or
     per-token means): one forward for both replies.
 
-    The batch's `attention` ("sdpa", the default, or "flex") picks `packed_attention` or
-    `packed_block_mask`. With a plain head the fused head scores the targets of each branch straight
+    The batch's `attention` ("sdpa", the default, or "flex") picks `PackedAttention` or
+    `PackedFlexAttention`. With a plain head the fused head scores the targets of each branch straight
     from the hidden states (only scored indices go through the head); otherwise the logits are built once.
     """
     ids, positions = batch["input_ids"], batch["position_ids"]
-    build = packed_block_mask if batch.get("attention", "sdpa") == "flex" else packed_attention
-    mask = build(batch["segments"], positions, model.config.layer_window(0))  # every layer's (checked by the model)
+    if batch.get("attention", "sdpa") == "flex":
+        mask = PackedFlexAttention(batch["segments"], positions)
+    else:
+        mask = PackedAttention(batch["segments"])
     targets = (batch["labels_chosen"], batch["labels_rejected"])
     if type(model.lm_head) is nn.Linear:
         with _autocast(ids.device):

@@ -83,7 +83,7 @@ CHOICES = {"mode": MODES, "loss": LOSS_TYPES, "schedule": SCHEDULES, "reference"
            "quantize": ("", "nf4")}
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE_CHANGES = ("resume", "save_every", "keep_checkpoints", "log_every", "eval_every", "device",
-                     "dist_timeout", "report_to")
+                     "dist_timeout", "report_to", "dry_run", "device_memory")
 REF_FLUSH_PAIRS = 4096  # precomputed references are written to the cache this many pairs at a time
 ONE = Dist()  # a one-process run
 
@@ -142,6 +142,8 @@ class TrainConfig:
     log_every: int = 1  # without a terminal, log a line every N steps
     dist_timeout: float = 1800.0  # torchrun: seconds a collective waits for the other processes before the job ends
     report_to: list[str] = field(default_factory=lambda: ["none"])  # trackers fed metrics.jsonl: tensorboard, wandb, trackio (several) or none
+    dry_run: bool = False  # print the planned memory per device (from --model's config.json alone) and exit
+    device_memory: float = 0.0  # GiB per device the --dry-run plan must fit (0: the visible GPU's)
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):
@@ -182,7 +184,7 @@ class TrainConfig:
             "fraction": 0 < self.fraction <= 1, "eval_fraction": 0 <= self.eval_fraction < 1,
             "eval_every": self.eval_every >= 0, "save_every": self.save_every >= 0,
             "keep_checkpoints": self.keep_checkpoints >= 1, "log_every": self.log_every >= 1,
-            "dist_timeout": 0 < self.dist_timeout < math.inf,
+            "dist_timeout": 0 < self.dist_timeout < math.inf, "device_memory": self.device_memory >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -907,7 +909,14 @@ def train(config: TrainConfig) -> dict:
     FloatingPointError naming the step; the newest checkpoint is the last good state.
     Under torchrun every process runs this (see minidpo.distributed): each takes its share of every
     global batch, rank 0 logs and writes, and the results equal a one-process run's.
+    With `dry_run` nothing is loaded or written: the memory plan is printed and returned (`plan`).
     """
+    if config.dry_run:
+        from minidpo.memory import plan_for
+
+        plan = plan_for(config)
+        print(plan.table())
+        return {"status": "dry-run", "plan": plan, "out": config.out}
     d = distributed.init(config.device, config.dist_timeout)
     try:
         return _train(config, d)
@@ -1135,6 +1144,8 @@ def cli(argv=None, command: str = "train") -> int:
               f"process died or hung (collectives wait --dist-timeout {config.dist_timeout:g} s): {e}",
               file=sys.stderr)
         return 1
+    if summary["status"] == "dry-run":
+        return 0
     return 0 if summary["status"] == "finished" else 128 + summary["signal"]
 
 

@@ -70,6 +70,15 @@ CASES = [
 ]
 
 
+HEAD_CASES = [  # (name, B, T, H, V, dtype, chunk_tokens, weight requires grad, average)
+    ("fp32", 3, 9, 32, 1000, "fp32", 4, True, False),
+    ("fp32_frozen_head", 2, 5, 16, 32002, "fp32", 3, False, False),
+    ("fp32_average_one_chunk", 3, 4, 16, 500, "fp32", 512, True, True),
+    ("bf16", 3, 9, 32, 1000, "bf16", 5, True, False),
+    ("fp16_T1", 4, 1, 16, 777, "fp16", 2, True, False),
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs, the float64 reference and the mismatch report
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +373,11 @@ def triton_worker():
             results[case.name] = check_case(case, run_triton)
         except Exception as e:  # report it on the case's own test instead of killing the worker
             results[case.name] = [f"{type(e).__name__}: {e}"]
+    for case in HEAD_CASES:  # the fused head with the Triton chunk kernels
+        try:
+            results["head_" + case[0]] = check_head_case(case, backend="triton")
+        except Exception as e:
+            results["head_" + case[0]] = [f"{type(e).__name__}: {e}"]
     results.update(_triton_extra_checks())
     print("RESULTS " + json.dumps(results))
 
@@ -383,7 +397,7 @@ TRITON_EXTRA = ["triton_is_interpreted", "triton_saves_the_view_not_a_copy",
                 "triton_unchecked_bad_label_gives_nan", "triton_empty_sequences"]
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES] + TRITON_EXTRA)
+@pytest.mark.parametrize("name", [c.name for c in CASES] + TRITON_EXTRA + ["head_" + c[0] for c in HEAD_CASES])
 def test_triton_interpreted(triton_results, name):
     assert name in triton_results, f"the worker did not report {name}"
     assert not triton_results[name], "\n".join(triton_results[name])
@@ -492,13 +506,6 @@ def test_bad_backend_and_fused_head_inputs():
 # The fused head
 # ---------------------------------------------------------------------------------------------
 
-HEAD_CASES = [  # (name, B, T, H, V, dtype, chunk_tokens, weight requires grad, average)
-    ("fp32", 3, 9, 32, 1000, "fp32", 4, True, False),
-    ("fp32_frozen_head", 2, 5, 16, 32002, "fp32", 3, False, False),
-    ("fp32_average_one_chunk", 3, 4, 16, 500, "fp32", 512, True, True),
-    ("bf16", 3, 9, 32, 1000, "bf16", 5, True, False),
-    ("fp16_T1", 4, 1, 16, 777, "fp16", 2, True, False),
-]
 
 
 def _head_inputs(B, T, H, V, dtype, seed=SEED):
@@ -512,14 +519,14 @@ def _head_inputs(B, T, H, V, dtype, seed=SEED):
     return hidden.to(DTYPES[dtype]), weight.to(DTYPES[dtype]), labels, torch.randn(B, generator=gen)
 
 
-def check_head_case(case, seed=SEED, device="cpu"):
+def check_head_case(case, seed=SEED, device="cpu", backend="auto"):
     """Fused head forward and gradients vs float64 hidden @ weight.T; -> list of mismatch reports."""
     name, B, T, H, V, dtype, chunk, train_head, average = case
     hidden, weight, labels, weights = (x.to(device) for x in _head_inputs(B, T, H, V, dtype, seed))
     hidden.requires_grad_()
     weight.requires_grad_(train_head)
     out = lp.sequence_logprobs_from_hidden(hidden, weight, labels, chunk_tokens=chunk,
-                                           average=average)
+                                           average=average, backend=backend)
     (out * weights).sum().backward()
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
@@ -569,6 +576,94 @@ def test_fused_head_equals_unfused_torch_path():
     unfused = lp.sequence_logprobs(hidden @ weight.t(), labels, backend="torch")
     report = mismatch_report("fused vs unfused", fused, unfused, 1e-5, False)
     assert report is None, report
+
+
+def test_fused_head_auto_runs_the_triton_chunks_where_triton_is_usable(monkeypatch):
+    """Where Triton is usable (CUDA), backend="auto" sends every chunk through rows_forward and
+    rows_backward_ (stood in for here by torch with the kernels' contracts), nothing else."""
+    calls = []
+
+    class Kernels:
+        @staticmethod
+        def rows_forward(x, y):
+            calls.append(("forward", x.shape[0], x.dtype))
+            lse = torch.logsumexp(x, 1)
+            return x.gather(1, y[:, None]).squeeze(1) - lse, lse
+
+        @staticmethod
+        def rows_backward_(x, y, lse, g):
+            calls.append(("backward", x.shape[0], x.dtype))
+            x.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+            x[torch.arange(len(y)), y] += g
+            return x
+
+    monkeypatch.setattr(lp, "_triton_usable", lambda t: True)
+    monkeypatch.setattr(lp, "triton_kernels", lambda: Kernels)
+    case = ("auto", 3, 9, 32, 1000, "fp32", 4, True, False)
+    reports = check_head_case(case)
+    assert not reports, "\n".join(reports)
+    scored = int((_head_inputs(*case[1:6])[2] != -100).sum())
+    for kind in ("forward", "backward"):
+        rows = [n for k, n, dtype in calls if k == kind and dtype == torch.float32]
+        assert sum(rows) == scored and max(rows) <= 4, calls
+
+
+def test_default_chunk_tokens_per_device():
+    assert lp.default_chunk_tokens(32000, "cpu") == lp.DEFAULT_CHUNK_TOKENS == 512
+    assert lp.default_chunk_tokens(32000, "cuda") == 2048  # 256 MiB of fp32 logits
+    assert lp.default_chunk_tokens(128256, "cuda") == 512
+    assert lp.default_chunk_tokens(10 ** 7, "cuda") == 128
+
+
+def test_half_head_without_fp32_output_matmul_widens_never_rounds(monkeypatch):
+    """Where no half matmul gives fp32 output (CPU here; CUDA on an older torch), the head weight
+    is widened to fp32 once and the chunk multiplied in fp32: the logits equal the fp32 product
+    exactly, not the half product rounded (~1e-2 off per logit) and widened afterwards."""
+    assert not lp.mm_fp32_output("cpu") and "widened" in lp.head_precision("cpu")
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(16, 64, generator=gen).bfloat16(), (torch.randn(500, 64, generator=gen) * 3).bfloat16()
+    wide = lp._head_weight(w, h.device)
+    assert wide.dtype == torch.float32
+    got = lp.head_logits(h, wide)
+    assert got.dtype == torch.float32 and torch.equal(got, h.float() @ w.float().t())
+    rounded = (h.float() @ w.float().t()).bfloat16().float()
+    assert (rounded - got).abs().max() > 1e-3  # what a half round trip would have lost
+    monkeypatch.setitem(lp._MM_FP32_OUTPUT, "cpu", True)  # as on CUDA with torch.mm(out_dtype=)
+    assert lp._head_weight(w, h.device) is w and "torch.mm out_dtype" in lp.head_precision("cpu")
+
+
+def test_torch_path_without_the_private_softmax_out_is_the_same(monkeypatch):
+    """The fallback for a torch without `torch._softmax(..., out=)` gives the same gradient."""
+    case = Case("softmax_fallback", B=3, T=7, V=500, layout="shifted")
+    assert lp.softmax_out_available()
+    base, labels, weights = make_inputs(case)
+    lp.sequence_logprobs(base[:, :-1], labels, backend="torch").mul(weights).sum().backward()
+    monkeypatch.setattr(lp, "softmax_out_available", lambda: False)
+    again = base.detach().clone().requires_grad_()
+    lp.sequence_logprobs(again[:, :-1], labels, backend="torch").mul(weights).sum().backward()
+    assert torch.equal(again.grad, base.grad)
+
+
+def test_chunk_threads_leave_the_process_thread_count_alone():
+    """The chunk workers run their own ops single-threaded (OpenMP's per-thread count) while the
+    process's setting, which any other thread starting meanwhile reads, stays as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    worker, other = [], []
+    try:
+        def work(c, state):
+            worker.append(torch.get_num_threads())
+            t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+            t.start()
+            t.join()
+
+        lp._run_chunks(work, list(range(4)), torch.device("cpu"), shared=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert other == [2] * 4, other
+    if lp._omp_set_num_threads() is not None:
+        assert worker == [1] * 4, worker
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ from conftest import make_hf_mistral, write_tokenizer_folder
 from minidpo import load_model
 from minidpo.data import TokenizedPair
 from minidpo.lora import apply_lora, lora_layers
-from minidpo.prefix import (PAD, PackedAttention, packed_attention, packed_attention_mask, packed_collate,
-                            packed_logps)
+from minidpo.prefix import PAD, PackedAttention, packed_attention_mask, packed_collate, packed_logps
 
 T = importlib.import_module("minidpo.train")
 VOCAB = 128
@@ -134,10 +133,11 @@ def test_packed_logps_directly_with_a_different_model_window(tmp_path):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_packed_attention_equals_sdpa_with_the_dense_mask(seed):
+@pytest.mark.parametrize("seed,window", [(0, None), (1, None), (2, 3), (3, 20)])
+def test_packed_attention_equals_sdpa_with_the_dense_mask(seed, window):
     # The two-piece attention against SDPA with the dense packed mask, on random q, k, v with
-    # grouped heads: outputs and the gradients of q, k, v at every real (non-pad) query.
+    # grouped heads: outputs and the gradients of q, k, v at every real (non-pad) query; with
+    # sliding windows that bind (3, 20) the pieces apply them on their slots.
     shapes = SHAPES + [(2, 0, 5), (9, 4, 0)]  # a pair without a chosen, one without a rejected
     batch = packed_collate(random_pairs(seed, shapes), PAD_ID)
     segments, positions = batch["segments"], batch["position_ids"]
@@ -153,23 +153,13 @@ def test_packed_attention_equals_sdpa_with_the_dense_mask(seed):
         (y * weights).sum().backward()
         return y.detach() * real, [t.grad.clone() for t in (q, k, v)]
 
-    dense_mask = packed_attention_mask(segments, positions, None)
+    dense_mask = packed_attention_mask(segments, positions, window)
     ref = outputs_and_grads(lambda *x: torch.nn.functional.scaled_dot_product_attention(
         *x, attn_mask=dense_mask, enable_gqa=True))
-    got = outputs_and_grads(lambda *x: PackedAttention(segments)(*x, enable_gqa=True))
+    got = outputs_and_grads(lambda *x: PackedAttention(segments)(*x, window=window, enable_gqa=True))
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     for name, g, r in zip("qkv", got[1], ref[1]):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
-
-
-def test_packed_attention_falls_back_to_the_dense_mask_when_the_window_binds():
-    batch = packed_collate(random_pairs(2, SHAPES), PAD_ID)
-    segments, positions = batch["segments"], batch["position_ids"]
-    longest = int(positions.max())  # the farthest two tokens of a row are this many positions apart
-    assert isinstance(packed_attention(segments, positions, None), PackedAttention)
-    assert isinstance(packed_attention(segments, positions, longest + 1), PackedAttention)
-    dense = packed_attention(segments, positions, longest)
-    assert torch.equal(dense, packed_attention_mask(segments, positions, longest))
 
 
 @pytest.mark.parametrize("window", [None, 5])
