@@ -399,6 +399,17 @@ def check_logprobs_bench(timeout):
     return ["`" + " ".join(cmd[1:]) + "`", ""] + lines
 
 
+def check_qlora_bench(timeout):
+    """bench_qlora at Mistral-7B's shape (random weights built on the GPU): NF4 against bf16."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_qlora.py"), "--device", "cuda", "--shape-7b",
+           "--bases", "bf16,nf4-bf16", "--pairs", "4", "--seq", "512", "--steps", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("|", "goal", "frozen"))]
+    if done.returncode or not lines:
+        return [f"bench_qlora failed (rc {done.returncode}): {done.stderr.strip()[-800:]}"]
+    return ["`" + " ".join(cmd[1:]) + "`", ""] + lines
+
+
 # ---------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -406,7 +417,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_check.md"), help="the markdown report")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU needed: features, and the attention and step sections on a tiny model on CPU")
-    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "attention", "logprobs", "step", "flex"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "attention", "logprobs", "step", "flex", "qlora"])
     p.add_argument("--budget", type=float, default=450,
                    help="seconds; a section that would not fit in what is left is skipped")
     p.add_argument("--step-pairs", type=int, default=4, help="pairs per 7B step")
@@ -434,6 +445,8 @@ def main(argv=None):
          lambda: check_flex(device, shape, 2, 3), True, 150),
         ("logprobs", "bench_logprobs: B=8, T=1024, V=32000, bf16, head H=4096",
          lambda: check_logprobs_bench(max(60, left())), True, 120),
+        ("qlora", "bench_qlora: LoRA DPO step on an NF4 base against bf16, Mistral-7B shape",
+         lambda: check_qlora_bench(max(60, left())), True, 120),
     ]
     verdicts = []
     for key, title, run, needs_cuda, expected in sections:

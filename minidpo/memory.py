@@ -38,6 +38,8 @@ GIB = 1 << 30
 MIB = 1 << 20
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_RUNTIME = 640 * MIB  # CUDA context, cuBLAS and cuDNN workspaces: outside torch's allocator
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # per weight: 4-bit codes, 8-bit absmax per 64, fp32 per 256
+NF4_TABLE_BYTES = 4 * (16 + 256 + 1)  # fp32: the 16 NF4 values, the 8-bit absmax map, the absmax offset
 ALLOCATOR_SLACK = 0.05  # the caching allocator's rounding and fragmentation
 
 
@@ -158,6 +160,12 @@ def memory_plan(c: MistralConfig, config, *, device: str = "cuda", world: int = 
     layers, h, V = c.num_hidden_layers, c.hidden_size, c.vocab_size
     shapes = linear_shapes(c)
     rows = [("weights", params * wbytes, f"{params / 1e9:.3g}B parameters in {dtype}")]
+    if getattr(config, "quantize", ""):  # NF4 with double quantization (minidpo.quant)
+        linear = c.num_hidden_layers * sum(a * b for name, (a, b) in shapes.items() if name != "lm_head")
+        tables = NF4_TABLE_BYTES * 7 * c.num_hidden_layers  # per weight: its code and nested map
+        rows[0] = ("weights", int(linear * NF4_BITS / 8 + (params - linear) * wbytes) + tables,
+                   f"{params / 1e9:.3g}B parameters: {linear / 1e9:.3g}B in NF4 ({NF4_BITS:.3f} bits), "
+                   f"the rest in {dtype}")
     if reference_mode(config) == "copy":
         rows.append(("reference copy", params * wbytes, "a frozen copy of the weights"))
     adapted = [] if config.full else lora_targets(c, config.lora_targets)

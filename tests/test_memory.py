@@ -190,3 +190,21 @@ def test_dry_run_errors_are_clear(tmp_path):
     assert proc.returncode == 1 and "not a multiple of num_key_value_heads" in proc.stderr, proc.stderr
     with pytest.raises(FileNotFoundError, match="no config.json"):
         read_model_config(tmp_path)
+
+
+def test_nf4_weights_equal_the_quantized_models_bytes():
+    """--quantize nf4: the plan's weights are the bytes an NF4-quantized model holds (Linear weights
+    but the head in 4.127 bits, the rest in the compute dtype), within rounding."""
+    from minidpo.quant import is_quantized, quantizable, quantize_nf4
+
+    c = MistralConfig(**{**SMALL_8K, "torch_dtype": "bfloat16"})
+    model = Mistral(c).to(torch.bfloat16)
+    with torch.no_grad():
+        nf4 = {name: quantize_nf4(model.get_submodule(name.removesuffix(".weight")).weight, double_quant=True)
+               for name in quantizable(model)}
+    held = sum(w.nbytes() for w in nf4.values()) + sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if n not in nf4)
+    plan = memory_plan(c, train_config(quantize="nf4", dtype="bfloat16"), device="cpu")
+    planned = next(size for name, size, _ in plan.rows if name == "weights")
+    assert abs(planned - held) <= 0.001 * held, (planned, held)
+    assert not is_quantized(model)
