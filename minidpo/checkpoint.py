@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from minidpo import quant
+from minidpo.files import write_json
 from minidpo.model import Mistral, MistralConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -222,12 +223,6 @@ def _parse_size(size: Union[int, str]) -> int:
     return int(s)
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB", *, state_dict=None):
     """Write `config.json` and safetensors (sharded past `max_shard_size`) that transformers loads.
 
@@ -259,8 +254,9 @@ def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {k: n for n, s in zip(names, shards) for k in s}
-        _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map},
+                   sort_keys=True)
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    _write_json(directory / "config.json", config)
+    write_json(directory / "config.json", config, sort_keys=True)
     return directory

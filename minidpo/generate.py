@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from minidpo.questions import Question, load_questions, parse_answer, parse_question
+from minidpo.questions import as_questions, load_questions, parse_answer
 
 # FastChat's per-category sampling temperatures for MT-Bench answers (`temperature_config` in
 # fastchat/llm_judge/common.py); `--temperature mt-bench` uses them, as `gen_model_answer.py` does.
@@ -309,17 +309,6 @@ def answer_record(question_id, model_id, turns, generation=None):
     return record if generation is None else {**record, "generation": generation}
 
 
-def _as_questions(questions):
-    if isinstance(questions, (str, Path)):
-        return load_questions(questions)
-    questions = [q if isinstance(q, Question) else parse_question(q, f"questions[{i}]")
-                 for i, q in enumerate(questions)]
-    ids = [q.question_id for q in questions]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"questions: question_id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
-    return questions
-
-
 def _temperature_of(question, temperature):
     if temperature != "mt-bench":
         return float(temperature)
@@ -378,7 +367,7 @@ def answer_questions(model, tokenizer, questions, *, model_id, out_path,
     """
     from tqdm import tqdm
 
-    questions = _as_questions(questions)
+    questions = as_questions(questions)
     out_path = Path(out_path)
     key = generation_key(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, seed=seed)

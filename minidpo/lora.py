@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minidpo.checkpoint import read_safetensors
+from minidpo.files import write_json
 from minidpo.quant import NF4Linear, NF4Weight
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -294,9 +295,7 @@ def save_lora(model: nn.Module, directory, *, base_model_name_or_path: Optional[
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / WEIGHTS_NAME)
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
+    write_json(directory / CONFIG_NAME, config, sort_keys=True)
     return directory
 
 

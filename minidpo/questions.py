@@ -129,6 +129,25 @@ def load_questions(path_or_name, *, references=None):
     return questions
 
 
+def check_unique(items, what):
+    """Refuse two items (questions or answers) with one question_id; `what` names the list."""
+    seen = set()
+    for item in items:
+        if item.question_id in seen:
+            raise ValueError(f"{what}: question_id {item.question_id!r} appears twice ({item.source})")
+        seen.add(item.question_id)
+
+
+def as_questions(questions):
+    """Questions from a path (see `load_questions`), or a list of Question objects or JSON dicts."""
+    if isinstance(questions, (str, Path)):
+        return load_questions(questions)
+    questions = [q if isinstance(q, Question) else parse_question(q, f"questions[{i}]")
+                 for i, q in enumerate(questions)]
+    check_unique(questions, "questions")
+    return questions
+
+
 def fetch_mt_bench(revision=MT_BENCH_REVISION, cache_dir=None):
     """Download (or find in the hub cache) MT-Bench's question file; returns its local path."""
     from huggingface_hub import snapshot_download  # only this command needs the hub client

@@ -1,0 +1,33 @@
+"""Writing files so that a reader never sees half of one: write a temporary sibling, then rename.
+
+The bottom layer: imports nothing from minidpo, and every module that writes a file uses it.
+"""
+import json
+import os
+from pathlib import Path
+
+
+def write_atomic(path, data) -> Path:
+    """Write `data` (str: UTF-8 text, bytes: as is) to `path` through `path.tmp` and `os.replace`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path, obj, *, indent=2, sort_keys=False) -> Path:
+    """`obj` as JSON (non-ASCII kept as is) plus a newline, atomically."""
+    return write_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def read_json(path):
+    """The JSON value in `path`; a file that is not JSON raises ValueError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
