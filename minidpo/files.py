@@ -30,4 +30,4 @@ def read_json(path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise ValueError(f"{path} is not valid JSON: {e}") from e

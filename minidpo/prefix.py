@@ -8,7 +8,7 @@
     PackedFlexAttention(segments, position_ids) -> the rule as FlexAttention BlockMasks
                                           (`attention="flex"`: CUDA; opt-in)
     packed_logps(model, batch)         -> [2B] fp32, chosen rows then rejected rows, as the
-                                          unshared `minidpo.train.batch_logps` orders them
+                                          unshared `minidpo.scoring.batch_logps` orders them
 
 Layout of row b (right padded to Tp, the longest `n + mc + mr`):
 

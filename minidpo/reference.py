@@ -35,7 +35,17 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 def build_models(config: TrainConfig, folder: Path, device, dtype) -> tuple[nn.Module, Optional[nn.Module]]:
     """-> (policy in train mode, frozen reference copy or None). LoRA adapters are fp32."""
-    model = load_model(folder, dtype=dtype, device=device, quantize=config.quantize or None)
+    model, reference = policy_and_reference(
+        load_model(folder, dtype=dtype, device=device, quantize=config.quantize or None), config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("model: %s, %s%s on %s, %d trainable parameters, reference %s", folder, dtype,
+                " (NF4 base)" if is_quantized(model) else "", device, trainable, reference_mode(config))
+    return model, reference
+
+
+def policy_and_reference(model: nn.Module, config: TrainConfig) -> tuple[nn.Module, Optional[nn.Module]]:
+    """The starting `model` -> (policy in train mode: LoRA adapters (fp32) or every weight trainable,
+    the frozen reference copy or None); the copy is taken before any adapter is added."""
     reference = None
     if reference_mode(config) == "copy":
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -45,9 +55,6 @@ def build_models(config: TrainConfig, folder: Path, device, dtype) -> tuple[nn.M
         apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                    targets=config.lora_targets)
     model.gradient_checkpointing = config.gradient_checkpointing
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("model: %s, %s%s on %s, %d trainable parameters, reference %s", folder, dtype,
-                " (NF4 base)" if is_quantized(model) else "", device, trainable, reference_mode(config))
     return model.train(), reference
 
 
