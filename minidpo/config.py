@@ -16,17 +16,13 @@ from minidpo.loss import LOSS_TYPES, needs_reference, nll_weight
 from minidpo.tokenizer import TEMPLATES
 
 MODES = ("dpo", "sft")
-
 SCHEDULES = ("cosine", "linear", "constant")
-
 REFERENCES = ("auto", "adapter-off", "copy", "precomputed")
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 CHOICES = {"mode": MODES, "loss": LOSS_TYPES, "schedule": SCHEDULES, "reference": REFERENCES,
            "dtype": DTYPES, "template": ("",) + tuple(TEMPLATES), "prefix_attention": ("sdpa", "flex"),
            "quantize": ("", "nf4")}
-
+# Fields a resumed run may change: they do not change what is computed.
 RESUMABLE_CHANGES = ("resume", "save_every", "keep_checkpoints", "log_every", "eval_every", "device",
                      "dist_timeout", "report_to", "dry_run", "device_memory")
 CLI_HIDDEN = ("mode",)  # set by the command (train or sft), not by a flag

@@ -5,7 +5,7 @@ Which implementation runs when (the training loop enters through `model_logprobs
     a plain `nn.Linear` head  -> the fused head (`sequence_logprobs_from_hidden`): no [B, T, V] logits;
                                  each chunk's log-softmax by the Triton kernels on CUDA, torch ops on CPU
     any other head (LoRA on   -> the model's logits, then `sequence_logprobs`: backend "auto" is the
-    lm_head, NF4, ...)           Triton kernel for CUDA tensors, the threaded chunked torch path otherwise
+    `lm_head`, say)              Triton kernel for CUDA tensors, the threaded chunked torch path otherwise
     CPU under TRITON_INTERPRET=1 -> backend="triton" runs the kernels interpreted (the tests' check)
 
     sequence_logprobs(logits [B, T, V], labels [B, T]) -> [B] fp32

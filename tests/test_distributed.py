@@ -181,7 +181,7 @@ def test_sft_matches_one_process(world, tmp_path):
 
 def test_reference_free_orpo_matches_one_process(world, tmp_path):
     # ORPO's NLL is per chosen token of the whole step: the ranks sum their token counts (a stand-in
-    # pair of weight 0 counts none) before any rank's loss is formed
+    # pair, `real` 0.0, counts none) before any rank's loss is formed
     config = make_config(world, tmp_path / "one", loss="orpo", beta=0.2, eval_fraction=0.2)
     T.train(config)
     two = dataclasses.replace(config, out=str(tmp_path / "two"))
