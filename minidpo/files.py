@@ -31,3 +31,20 @@ def read_json(path):
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def parse_jsonl(data: bytes, path) -> list:
+    """[(line number from 1, dict)] of the non-blank lines of a JSONL file's bytes; a line that is not
+    a JSON object raises ValueError naming `path:line`."""
+    out = []
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        out.append((lineno, obj))
+    return out

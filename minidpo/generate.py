@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from minidpo.files import parse_jsonl
 from minidpo.questions import as_questions, load_questions, parse_answer
 
 # FastChat's per-category sampling temperatures for MT-Bench answers (`temperature_config` in
@@ -282,16 +283,8 @@ def read_answered(path, model_id, key=None):
                           f"answered again", stacklevel=3)
             os.truncate(path, data.rfind(b"\n") + 1)
     answered = set()
-    for lineno, line in enumerate(complete.split(b"\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, obj in parse_jsonl(complete, path):
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         answer = parse_answer(obj, where)
         if answer.model_id != model_id:
             raise ValueError(f"{where}: an answer of model {answer.model_id!r}, not {model_id!r}; "

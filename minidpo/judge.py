@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidpo.files import write_json
+from minidpo.files import parse_jsonl, write_json
 from minidpo.judge_prompts import load_prompts
 from minidpo.questions import (REFERENCE_CATEGORIES, Answer, Question, as_questions, check_unique, load_answers,
                                load_questions, parse_answer)
@@ -332,14 +332,8 @@ def read_judgments(path):
         return []
     complete = path.read_bytes().rpartition(b"\n")[0]
     records = []
-    for lineno, line in enumerate(complete.split(b"\n") if complete else [], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-        if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
+    for lineno, record in parse_jsonl(complete, path):
+        if any(k not in record for k in _RECORD_KEYS):
             raise ValueError(f"{path}:{lineno}: not a judgment record (needs {', '.join(_RECORD_KEYS)})")
         records.append((lineno, record))
     return records

@@ -15,9 +15,10 @@ Only `choices[0]` is read, as FastChat's judge does. Any line that is not a JSON
 fields raises `ValueError` naming the file and the line number.
 """
 import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from minidpo.files import parse_jsonl
 
 # The 80 MT-Bench questions as published on the hub. `raw/question.jsonl` keeps FastChat's question ids
 # (81..160), so answers from FastChat and ours line up; the parquet copy there replaced them by hashes.
@@ -52,21 +53,11 @@ class Answer:
 
 
 def read_jsonl(path):
-    """Yield `(line_number, object)` for each non-blank line of `path`; a bad line raises ValueError."""
+    """`(line_number, object)` for each non-blank line of `path`; a bad line raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return parse_jsonl(path.read_bytes(), path)
 
 
 def _string_list(value, what, where, *, min_len=1, max_len=None):

@@ -21,7 +21,8 @@ The reference (DPO): `adapter-off` is the LoRA model itself under `lora_disabled
 mode (so no dropout; no second copy of the weights); `copy` a frozen copy of the starting weights
 (full fine-tunes); `precomputed` one no_grad pass before training, cached per pair on disk
 (`minidpo.reference`, `minidpo.refcache`) and reused by every run with the same key; `auto` is
-adapter-off for LoRA runs and copy for full ones. The reference-free losses (simpo, cpo, orpo) have none: no copy, no cache, no pass.
+adapter-off for LoRA runs and copy for full ones. The reference-free losses (simpo, cpo, orpo) have
+none: no copy, no cache, no pass.
 
 OUT's layout: see minidpo.runfolder.
 The precomputed pass covers the pairs a run uses (training and eval); each pair's values are stored

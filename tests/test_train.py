@@ -500,7 +500,7 @@ def test_cli_round_trip(world, tmp_path):
     text = C.build_parser().format_help()
     for flag in ("--lora-alpha", "--max-prompt-length", "--reference", "--no-prefix-sharing", "--resume"):
         assert flag in text
-    assert "DPO temperature beta" in text  # help comes from the field's comment
+    assert "DPO temperature beta" in text  # help comes from the field's metadata
     with pytest.raises(SystemExit):
         T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--batch-size", "6", "--grad-accum", "4"])
 
