@@ -30,14 +30,20 @@ _DTYPES = {
 }
 
 
+def repo_id(name) -> str:
+    """`name` (not a local folder) as a hub repo id `owner/name`; FileNotFoundError if it is not one."""
+    name = str(name)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name} is neither a local folder nor a hub repo id (owner/name)")
+    return name
+
+
 def download_folder(path_or_repo_id: Union[str, Path], allow_patterns=HUB_PATTERNS) -> Path:
     """A local folder as is, or a hub repo id fetched through `huggingface_hub` (cache first)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
-    name = str(path_or_repo_id)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name} is neither a local folder nor a hub repo id (owner/name)")
+    name = repo_id(path_or_repo_id)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
