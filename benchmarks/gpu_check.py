@@ -269,7 +269,7 @@ def check_attention(device, shape):
              ("sliding window that binds (64), packed", lambda: T.batch_logps(windowed, packed))]
     rows = []
     for name, fn in paths:
-        with torch.no_grad(), T.autocast(device):
+        with torch.no_grad(), lp.autocast(device):
             fn()  # compile / warm up
             seen = kernels_seen(fn)
         rows.append((name, _kernels(seen), attention_verdict(seen, device, "window" in name)))

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minidpo.logprobs import check_logprobs_inputs, sequence_scale
+from minidpo.logprobs import IGNORE_INDEX, check_logprobs_inputs, sequence_scale
 
 MAX_BLOCK_V = 4096  # vocabulary entries per loop step: 8-16 KiB of a row in registers
 CHECK_LABELS = os.environ.get("MINIDPO_CHECK_LABELS", "1") != "0"
@@ -117,7 +117,7 @@ def _launch_config(logits, block_v):
     return block_v, (8 if block_v >= 2048 else 4)
 
 
-def logprobs_forward(logits, labels, ignore_index=-100, *, check_labels=True, block_v=None):
+def logprobs_forward(logits, labels, ignore_index=IGNORE_INDEX, *, check_labels=True, block_v=None):
     """logits [B, T, V] (any strides), labels [B, T] -> (token log-probs [B, T] fp32, lse [B, T] fp32).
 
     Unscored tokens (label == ignore_index) get 0 in both outputs.
@@ -134,7 +134,7 @@ def logprobs_forward(logits, labels, ignore_index=-100, *, check_labels=True, bl
     return token_logps, lse
 
 
-def logprobs_backward(logits, labels, lse, gscale, ignore_index=-100, *, block_v=None, out=None):
+def logprobs_backward(logits, labels, lse, gscale, ignore_index=IGNORE_INDEX, *, block_v=None, out=None):
     """d(sum_b gscale[b] * sum_t logp[b, t]) / d logits: [B, T, V] contiguous, in the logits' dtype.
 
     lse [B, T] fp32 from `logprobs_forward`; gscale [B] fp32 (upstream gradient times s[b]).
@@ -189,7 +189,7 @@ class TritonSequenceLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def triton_sequence_logprobs(logits, labels, *, ignore_index=-100, average=False, block_v=None):
+def triton_sequence_logprobs(logits, labels, *, ignore_index=IGNORE_INDEX, average=False, block_v=None):
     """logits [B, T, V] fp32/bf16/fp16, labels [B, T] -> [B] fp32 summed (or averaged) log-probs.
 
     Checks the inputs (labels on the host, see CHECK_LABELS), then runs the Triton kernels.

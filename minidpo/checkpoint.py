@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from minidpo import quant
+from minidpo.files import write_json
 from minidpo.model import Mistral, MistralConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -29,14 +30,20 @@ _DTYPES = {
 }
 
 
+def repo_id(name) -> str:
+    """`name` (not a local folder) as a hub repo id `owner/name`; FileNotFoundError if it is not one."""
+    name = str(name)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name} is neither a local folder nor a hub repo id (owner/name)")
+    return name
+
+
 def download_folder(path_or_repo_id: Union[str, Path], allow_patterns=HUB_PATTERNS) -> Path:
     """A local folder as is, or a hub repo id fetched through `huggingface_hub` (cache first)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
-    name = str(path_or_repo_id)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name} is neither a local folder nor a hub repo id (owner/name)")
+    name = repo_id(path_or_repo_id)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -222,12 +229,6 @@ def _parse_size(size: Union[int, str]) -> int:
     return int(s)
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB", *, state_dict=None):
     """Write `config.json` and safetensors (sharded past `max_shard_size`) that transformers loads.
 
@@ -259,8 +260,9 @@ def save_model(model: Mistral, directory, max_shard_size: Union[int, str] = "5GB
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {k: n for n, s in zip(names, shards) for k in s}
-        _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map},
+                   sort_keys=True)
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    _write_json(directory / "config.json", config)
+    write_json(directory / "config.json", config, sort_keys=True)
     return directory

@@ -49,9 +49,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from minidpo.logprobs import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 CAPYBARA = "argilla/distilabel-capybara-dpo-7k-binarized"
 ORCA = "Intel/orca_dpo_pairs"
 ULTRAFEEDBACK = "argilla/ultrafeedback-binarized-preferences"

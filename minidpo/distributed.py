@@ -70,6 +70,9 @@ class Dist:
         return out
 
 
+ONE = Dist()  # a one-process run: the default of every function that takes a Dist
+
+
 def _device(setting: str, local_rank: int, world: int) -> torch.device:
     """`auto`: CUDA when present. With several processes each rank takes GPU `local_rank`."""
     if setting == "auto":
@@ -102,10 +105,10 @@ def close(d: Dist) -> None:
 
 
 def share(indices: list, d: Dist) -> tuple[list, float]:
-    """-> (this rank's part of a global micro-batch, its weight): every `world`-th pair from `rank`.
+    """-> (this rank's part of a global micro-batch, `real`): every `world`-th pair from `rank`, 1.0.
 
-    A rank left with none takes the micro-batch's first pair with weight 0: it runs the forward and
-    backward every other rank runs (DDP and FSDP need that) and adds nothing.
+    A rank left with none takes the micro-batch's first pair as a stand-in, `real` 0.0: it runs the
+    forward and backward every other rank runs (DDP and FSDP need that) and adds nothing.
     """
     mine = indices[d.rank::d.world]
     return (mine, 1.0) if mine else (indices[:1], 0.0)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from minidpo.questions import Question, load_questions, parse_answer, parse_question
+from minidpo.files import parse_jsonl
+from minidpo.questions import as_questions, load_questions, parse_answer
 
 # FastChat's per-category sampling temperatures for MT-Bench answers (`temperature_config` in
 # fastchat/llm_judge/common.py); `--temperature mt-bench` uses them, as `gen_model_answer.py` does.
@@ -282,16 +283,8 @@ def read_answered(path, model_id, key=None):
                           f"answered again", stacklevel=3)
             os.truncate(path, data.rfind(b"\n") + 1)
     answered = set()
-    for lineno, line in enumerate(complete.split(b"\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, obj in parse_jsonl(complete, path):
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         answer = parse_answer(obj, where)
         if answer.model_id != model_id:
             raise ValueError(f"{where}: an answer of model {answer.model_id!r}, not {model_id!r}; "
@@ -307,17 +300,6 @@ def answer_record(question_id, model_id, turns, generation=None):
     record = {"question_id": question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
               "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
     return record if generation is None else {**record, "generation": generation}
-
-
-def _as_questions(questions):
-    if isinstance(questions, (str, Path)):
-        return load_questions(questions)
-    questions = [q if isinstance(q, Question) else parse_question(q, f"questions[{i}]")
-                 for i, q in enumerate(questions)]
-    ids = [q.question_id for q in questions]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"questions: question_id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
-    return questions
 
 
 def _temperature_of(question, temperature):
@@ -378,7 +360,7 @@ def answer_questions(model, tokenizer, questions, *, model_id, out_path,
     """
     from tqdm import tqdm
 
-    questions = _as_questions(questions)
+    questions = as_questions(questions)
     out_path = Path(out_path)
     key = generation_key(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, seed=seed)

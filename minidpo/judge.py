@@ -54,9 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
+from minidpo.files import parse_jsonl, write_json
 from minidpo.judge_prompts import load_prompts
-from minidpo.questions import (REFERENCE_CATEGORIES, Answer, Question, load_answers, load_questions,
-                               parse_answer, parse_question)
+from minidpo.questions import (REFERENCE_CATEGORIES, Answer, Question, as_questions, check_unique, load_answers,
+                               load_questions, parse_answer)
 
 ORDERS = ("AB", "BA")  # AB: model A's answer shown as assistant A; BA: model B's answer shown as A
 JUDGMENTS_FILE = "judgments.jsonl"
@@ -331,14 +332,8 @@ def read_judgments(path):
         return []
     complete = path.read_bytes().rpartition(b"\n")[0]
     records = []
-    for lineno, line in enumerate(complete.split(b"\n") if complete else [], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-        if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
+    for lineno, record in parse_jsonl(complete, path):
+        if any(k not in record for k in _RECORD_KEYS):
             raise ValueError(f"{path}:{lineno}: not a judgment record (needs {', '.join(_RECORD_KEYS)})")
         records.append((lineno, record))
     return records
@@ -551,23 +546,6 @@ def _run_units(units, judge, log_path, latest, names, *, workers, max_asks, temp
             raise
 
 
-def _check_unique(items, what):
-    seen = set()
-    for item in items:
-        if item.question_id in seen:
-            raise ValueError(f"{what}: question_id {item.question_id!r} appears twice ({item.source})")
-        seen.add(item.question_id)
-
-
-def _as_questions(questions):
-    if isinstance(questions, (str, Path)):
-        return load_questions(questions)
-    questions = [q if isinstance(q, Question) else parse_question(q, f"questions[{i}]")
-                 for i, q in enumerate(questions)]
-    _check_unique(questions, "questions")
-    return questions
-
-
 def _as_answers(answers, side):
     """`{question_id: Answer}` from a path, a dict, or a list of Answer/FastChat records."""
     if isinstance(answers, (str, Path)):
@@ -575,7 +553,7 @@ def _as_answers(answers, side):
     elif not isinstance(answers, dict):
         answers = [a if isinstance(a, Answer) else parse_answer(a, f"answers_{side}[{i}]")
                    for i, a in enumerate(answers)]
-        _check_unique(answers, f"answers {side.upper()}")
+        check_unique(answers, f"answers {side.upper()}")
         answers = {a.question_id: a for a in answers}
     if not answers:
         raise ValueError(f"answers {side.upper()}: no answers")
@@ -618,7 +596,7 @@ def judge_pairwise(questions, answers_a, answers_b, judge, out_dir, *, prompts=N
     units recorded without a verdict. `give_up_after`: see the module docstring (0 = never stop).
     Raises `JudgeError` when the run must stop, with every record received kept in the log.
     """
-    questions = _as_questions(questions)
+    questions = as_questions(questions)
     prompt_set = load_prompts(prompts)
     answers_a, answers_b = _as_answers(answers_a, "a"), _as_answers(answers_b, "b")
     questions, skipped = _answered(questions, answers_a, answers_b, allow_missing)
@@ -642,7 +620,7 @@ def judge_pairwise(questions, answers_a, answers_b, judge, out_dir, *, prompts=N
     summary.update(model_a=names["model_a"], model_b=names["model_b"], judge=names["judge"],
                    prompts=prompt_set.describe(), references=_references_used(questions),
                    skipped_questions=skipped)
-    _write_json(out / SUMMARY_FILE, summary)
+    write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
@@ -662,10 +640,6 @@ def _references_used(questions):
             if shown else None, "files": files}
 
 
-def _write_json(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a summary
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from minidpo.files import write_atomic
 from minidpo.questions import read_jsonl
 
 # FastChat's llm_judge data at a pinned commit. The digests were computed from the byte-identical
@@ -228,7 +229,4 @@ def fetch_fastchat(name, *, cache_dir=None, url=None, timeout=60.0):
         raise ValueError(f"{url}: SHA-256 {got} is not the pinned {want} of FastChat {FASTCHAT_COMMIT[:12]} "
                          f"{rel}; refusing the download (corrupted, or not that file)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, data)

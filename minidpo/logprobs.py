@@ -1,4 +1,12 @@
 """Per-sequence log-probabilities of labels under logits, the quantity every DPO loss compares.
+Imports torch only (minidpo.kernels imports this module, so it must stay below them).
+
+Which implementation runs when (the training loop enters through `model_logprobs`):
+    a plain `nn.Linear` head  -> the fused head (`sequence_logprobs_from_hidden`): no [B, T, V] logits;
+                                 each chunk's log-softmax by the Triton kernels on CUDA, torch ops on CPU
+    any other head (LoRA on   -> the model's logits, then `sequence_logprobs`: backend "auto" is the
+    `lm_head`, say)              Triton kernel for CUDA tensors, the threaded chunked torch path otherwise
+    CPU under TRITON_INTERPRET=1 -> backend="triton" runs the kernels interpreted (the tests' check)
 
     sequence_logprobs(logits [B, T, V], labels [B, T]) -> [B] fp32
         out[b] = sum_t m[b, t] * log_softmax(logits[b, t])[labels[b, t]],  m = labels != ignore_index
@@ -28,6 +36,7 @@ the head weight is widened to fp32 once per call and the chunks are multiplied i
 torch on CUDA: 2 bytes more per weight for the call). A half logit rounded before the
 log-sum-exp (~1e-2 per token) never happens; `head_precision(device)` says which path runs.
 """
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -39,7 +48,9 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
+from torch import nn
 
+IGNORE_INDEX = -100  # a label that scores nothing: prompt, padding (transformers' and TRL's value)
 BACKENDS = ("auto", "triton", "torch")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per torch-path chunk: at most CHUNK_ELEMENTS fp32 and at most 1/CHUNK_FRACTION of the rows.
@@ -69,7 +80,7 @@ def check_label_range(labels, vocab_size, ignore_index, name="labels"):
             f"[0, {vocab_size}) and is not ignore_index={ignore_index} ({int(bad.sum())} such labels)")
 
 
-def check_logprobs_inputs(logits, labels, ignore_index=-100, *, check_labels=True):
+def check_logprobs_inputs(logits, labels, ignore_index=IGNORE_INDEX, *, check_labels=True):
     """ValueError for logits that are not [B, T, V] fp32/bf16/fp16 or labels not integer [B, T]."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be a [B, T, V] tensor, got {_describe(logits)}")
@@ -132,7 +143,7 @@ def _import_kernels(module: str = "logprobs"):
     return importlib.import_module(f"minidpo.kernels.{module}")
 
 
-def sequence_logprobs(logits, labels, *, ignore_index=-100, average=False, backend="auto"):
+def sequence_logprobs(logits, labels, *, ignore_index=IGNORE_INDEX, average=False, backend="auto"):
     """logits [B, T, V] fp32/bf16/fp16 (any strides), labels [B, T] integer -> [B] fp32.
 
     Sum (or, with average=True, mean) over t of log_softmax(logits[b, t])[labels[b, t]], skipping
@@ -593,7 +604,7 @@ def _check_head_inputs(hidden, weight, labels, ignore_index, chunk_tokens):
     _check_labels(labels, (*hidden.shape[:2], weight.shape[0]), hidden.device, ignore_index, True)
 
 
-def sequence_logprobs_from_hidden(hidden, weight, labels, *, ignore_index=-100, average=False,
+def sequence_logprobs_from_hidden(hidden, weight, labels, *, ignore_index=IGNORE_INDEX, average=False,
                                   chunk_tokens=None, backend="auto"):
     """hidden [B, T, H], weight [V, H] (the LM head; same dtype), labels [B, T] -> [B] fp32.
 
@@ -616,3 +627,30 @@ def sequence_logprobs_from_hidden(hidden, weight, labels, *, ignore_index=-100, 
         backend = "triton" if _triton_usable(hidden) else "torch"
     kernels = triton_kernels() if backend == "triton" else None
     return FusedHeadLogprobs.apply(hidden, weight, labels, ignore_index, average, chunk_tokens, kernels)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing elsewhere (CPU autocast is slower than fp32 there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_logprobs(model: nn.Module, input_ids, targets, *, attention=None, position_ids=None,
+                   average: bool = False) -> torch.Tensor:
+    """[len(targets) * B] fp32: for each [B, T'] target tensor (labels aligned with the model's
+    outputs: position t scores targets[:, t]; T' <= T), its log-prob per row, concatenated.
+
+    The one place that picks the path (see the table at the top): with a plain head the hidden
+    states go straight through the fused head (in bf16 on CUDA, as autocast would run it; it
+    accumulates in fp32 either way), else the [B, T, V] logits are built once and read in place.
+    """
+    fused = type(model.lm_head) is nn.Linear
+    with autocast(input_ids.device):
+        out = (model.hidden_states if fused else model)(input_ids, attention, position_ids)
+    if not fused:
+        return torch.cat([sequence_logprobs(out[:, :t.shape[1]], t, average=average) for t in targets])
+    dtype = torch.bfloat16 if input_ids.device.type == "cuda" else out.dtype
+    hidden, weight = out.to(dtype), model.head_weight().to(dtype)
+    return torch.cat([sequence_logprobs_from_hidden(hidden[:, :t.shape[1]], weight, t, average=average)
+                      for t in targets])

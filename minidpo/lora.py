@@ -18,7 +18,6 @@ keys `base_model.model.<module>.lora_A.weight`), so PEFT, vLLM and friends read 
 theirs.
 """
 import contextlib
-import json
 import math
 import os
 import re
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minidpo.checkpoint import read_safetensors
+from minidpo.files import read_json, write_json
 from minidpo.quant import NF4Linear, NF4Weight
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -294,9 +294,7 @@ def save_lora(model: nn.Module, directory, *, base_model_name_or_path: Optional[
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / WEIGHTS_NAME)
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
+    write_json(directory / CONFIG_NAME, config, sort_keys=True)
     return directory
 
 
@@ -306,10 +304,7 @@ def _read_json_config(folder: Path) -> dict:
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a PEFT adapter folder")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    config = read_json(file)
     if not isinstance(config, dict):
         raise ValueError(f"{file} must hold a JSON object")
     return config

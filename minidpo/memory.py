@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from minidpo.checkpoint import repo_id
 from minidpo.model import MistralConfig
 
 GIB = 1 << 30
@@ -81,9 +82,7 @@ def read_model_config(path_or_repo_id: str) -> MistralConfig:
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return MistralConfig.from_json(path / "config.json")
-    name = str(path_or_repo_id)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name} is neither a local folder nor a hub repo id (owner/name)")
+    name = repo_id(path_or_repo_id)
     from huggingface_hub import hf_hub_download
 
     try:

@@ -24,7 +24,6 @@ from the caller.
 """
 import dataclasses
 import functools
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
+
+from minidpo.files import read_json
 
 
 # config.json's `architectures[0]` -> `model_type`: the families this one network implements.
@@ -171,10 +172,7 @@ class MistralConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        d = read_json(path)
         try:
             return cls.from_dict(d)
         except ValueError as e:

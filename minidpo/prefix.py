@@ -8,7 +8,7 @@
     PackedFlexAttention(segments, position_ids) -> the rule as FlexAttention BlockMasks
                                           (`attention="flex"`: CUDA; opt-in)
     packed_logps(model, batch)         -> [2B] fp32, chosen rows then rejected rows, as the
-                                          unshared `minidpo.train.batch_logps` orders them
+                                          unshared `minidpo.scoring.batch_logps` orders them
 
 Layout of row b (right padded to Tp, the longest `n + mc + mr`):
 
@@ -27,16 +27,14 @@ token that follows index i in the prompt + chosen sequence (-100 where none is s
 hidden state at index i scores it directly. The prompt's last index has a target in both arrays:
 it predicts the first chosen token and the first rejected token.
 """
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from minidpo.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
+from minidpo.logprobs import IGNORE_INDEX, model_logprobs
 from minidpo.model import FLEX_DEVICES, _flex_width, _mark_dynamic, causal_attention, flex, make_block_mask
 
-IGNORE_INDEX = -100
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 
 
@@ -184,13 +182,6 @@ def packed_block_mask(segments: torch.Tensor, position_ids: torch.Tensor, window
     return make_block_mask(allowed, seg.shape[0], seg.shape[1], seg.device)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere: the same as minidpo.train.autocast."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def packed_logps(model: nn.Module, batch: dict, *, average: bool = False) -> torch.Tensor:
     """[2B] fp32 log-probs of the chosen then the rejected replies of a packed batch (summed, or
     per-token means): one forward for both replies.
@@ -205,12 +196,4 @@ def packed_logps(model: nn.Module, batch: dict, *, average: bool = False) -> tor
     else:
         mask = PackedAttention(batch["segments"])
     targets = (batch["labels_chosen"], batch["labels_rejected"])
-    if type(model.lm_head) is nn.Linear:
-        with _autocast(ids.device):
-            hidden = model.hidden_states(ids, mask, positions)
-        dtype = torch.bfloat16 if ids.device.type == "cuda" else hidden.dtype
-        hidden, weight = hidden.to(dtype), model.head_weight().to(dtype)
-        return torch.cat([sequence_logprobs_from_hidden(hidden, weight, t, average=average) for t in targets])
-    with _autocast(ids.device):
-        logits = model(ids, mask, positions)
-    return torch.cat([sequence_logprobs(logits, t, average=average) for t in targets])
+    return model_logprobs(model, ids, targets, attention=mask, position_ids=positions, average=average)

@@ -15,9 +15,10 @@ Only `choices[0]` is read, as FastChat's judge does. Any line that is not a JSON
 fields raises `ValueError` naming the file and the line number.
 """
 import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from minidpo.files import parse_jsonl
 
 # The 80 MT-Bench questions as published on the hub. `raw/question.jsonl` keeps FastChat's question ids
 # (81..160), so answers from FastChat and ours line up; the parquet copy there replaced them by hashes.
@@ -52,21 +53,11 @@ class Answer:
 
 
 def read_jsonl(path):
-    """Yield `(line_number, object)` for each non-blank line of `path`; a bad line raises ValueError."""
+    """`(line_number, object)` for each non-blank line of `path`; a bad line raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return parse_jsonl(path.read_bytes(), path)
 
 
 def _string_list(value, what, where, *, min_len=1, max_len=None):
@@ -126,6 +117,25 @@ def load_questions(path_or_name, *, references=None):
         raise ValueError(f"{path}: {len(questions)} questions, MT-Bench has {MT_BENCH_SIZE}")
     if references is not None:
         questions = with_references(questions, references)
+    return questions
+
+
+def check_unique(items, what):
+    """Refuse two items (questions or answers) with one question_id; `what` names the list."""
+    seen = set()
+    for item in items:
+        if item.question_id in seen:
+            raise ValueError(f"{what}: question_id {item.question_id!r} appears twice ({item.source})")
+        seen.add(item.question_id)
+
+
+def as_questions(questions):
+    """Questions from a path (see `load_questions`), or a list of Question objects or JSON dicts."""
+    if isinstance(questions, (str, Path)):
+        return load_questions(questions)
+    questions = [q if isinstance(q, Question) else parse_question(q, f"questions[{i}]")
+                 for i, q in enumerate(questions)]
+    check_unique(questions, "questions")
     return questions
 
 

@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from minidpo.files import write_json
+
 logger = logging.getLogger(__name__)
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
@@ -68,9 +70,7 @@ def run_identity(out: Path) -> dict:
         return json.loads(file.read_text())
     run_id = secrets.token_hex(4)
     identity = {"id": run_id, "name": f"{out.resolve().name}-{run_id}"}
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(identity) + "\n")
-    os.replace(tmp, file)
+    write_json(file, identity, indent=None)
     return identity
 
 

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import make_hf_mistral, write_tokenizer_folder
 from minidpo.distributed import Dist, share
+from minidpo import config as C
+from minidpo.scoring import BatchLogpsModule
 from minidpo.refcache import ReferenceCache
 
 T = importlib.import_module("minidpo.train")
@@ -75,7 +77,7 @@ def torchrun(config: T.TrainConfig, *, script=None, env=None, timeout=240) -> su
     command = "train" if config.mode == "dpo" else "sft"
     target = [str(script), command] if script else ["-m", "minidpo", command]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *target, *T.config_argv(config)]
+           *target, *C.config_argv(config)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -146,7 +148,7 @@ def test_gradients_are_reduced_once_per_step_not_per_micro_batch(world, tmp_path
         tokenizer = T.load_tokenizer(world / "model")
         pairs, _ = T.prepare_data(config, tokenizer)
         net, _ = T.build_models(config, world / "model", torch.device("cpu"), torch.float32)
-        model = T.distributed.wrap(T.Scorer(net), Dist(world=2), full=False)
+        model = T.distributed.wrap(BatchLogpsModule(net), Dist(world=2), full=False)
         reductions = []
 
         def count(state, bucket):
@@ -179,7 +181,7 @@ def test_sft_matches_one_process(world, tmp_path):
 
 def test_reference_free_orpo_matches_one_process(world, tmp_path):
     # ORPO's NLL is per chosen token of the whole step: the ranks sum their token counts (a stand-in
-    # pair of weight 0 counts none) before any rank's loss is formed
+    # pair, `real` 0.0, counts none) before any rank's loss is formed
     config = make_config(world, tmp_path / "one", loss="orpo", beta=0.2, eval_fraction=0.2)
     T.train(config)
     two = dataclasses.replace(config, out=str(tmp_path / "two"))

@@ -72,8 +72,8 @@ import copy, gc, importlib, json, os, random, sys
 import torch
 T = importlib.import_module("minidpo.train")
 from minidpo.data import TokenizedPair
-from minidpo.lora import apply_lora
 from minidpo.model import Mistral, MistralConfig
+from minidpo.reference import policy_and_reference
 
 def rss(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
@@ -86,14 +86,7 @@ def run(shape, settings, prompt=4):
     config = T.TrainConfig(model="m", data=["d"], out="o", lr=1e-3, **settings)
     torch.manual_seed(0)
     model = Mistral(c).init_weights(seed=0)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.full else None
-    if config.full:
-        model.requires_grad_(True)
-    else:
-        apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                   targets=config.lora_targets)
-    model.gradient_checkpointing = config.gradient_checkpointing
-    model.train()
+    model, reference = policy_and_reference(model, config)
     optimizer, scheduler = T.build_optimizer(model, config, 10)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     rng = random.Random(0)

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import make_hf_mistral, write_tokenizer_folder
 from minidpo.curves import CURVES, plot_training_curves
+from minidpo import config as C
 from minidpo.tracking import scalars
 
 T = importlib.import_module("minidpo.train")
@@ -78,7 +79,7 @@ def tracked(tmp_path_factory):
                            lora_alpha=8.0, lora_dropout=0.0, eval_fraction=0.2, eval_every=2, save_every=2,
                            report_to=TOOLS or ["none"])
     env = {**child_env(root), "WANDB_API_KEY": KEY}
-    for kill_at, argv in ((4, T.config_argv(config)), (0, T.config_argv(dataclasses.replace(config, resume=True)))):
+    for kill_at, argv in ((4, C.config_argv(config)), (0, C.config_argv(dataclasses.replace(config, resume=True)))):
         result = subprocess.run([sys.executable, "-c", CHILD, *argv], env={**env, "KILL_AT": str(kill_at)},
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == (-9 if kill_at else 0), result.stderr[-3000:]
@@ -192,8 +193,8 @@ def test_report_to_is_validated_before_anything_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", lambda name, *a: None)  # every tool "installed"
     config = T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--report-to", "tensorboard", "wandb,trackio"])
     assert config.report_to == ["tensorboard", "wandb", "trackio"]
-    assert T.parse_config(T.config_argv(config)).report_to == config.report_to
-    assert "report_to" in T.RESUMABLE_CHANGES  # a resumed run may add or drop a tracker
+    assert C.parse_config(C.config_argv(config)).report_to == config.report_to
+    assert "report_to" in C.RESUMABLE_CHANGES  # a resumed run may add or drop a tracker
 
 
 # ---------------------------------------------------------------------------------------------------

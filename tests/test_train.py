@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import make_hf_mistral, write_tokenizer_folder
 from minidpo import load_model
+from minidpo import config as C
+from minidpo import reference as REF
 from minidpo.lora import PEFT_PREFIX, load_lora, lora_layers
 from minidpo.refcache import ReferenceCache, weights_digest
 from minidpo.tokenizer import load_tokenizer
@@ -204,7 +206,7 @@ CHILD = textwrap.dedent("""
             time.sleep(4)  # the parent's signal lands inside this step
         return real(*args, **kwargs)
     T.dpo_step = step
-    sys.exit(T.cli(T.config_argv(config), command="train"))
+    sys.exit(T.cli(importlib.import_module("minidpo.config").config_argv(config), command="train"))
 """)
 
 
@@ -282,7 +284,7 @@ def count_passes(monkeypatch) -> dict:
 
     monkeypatch.setattr(Mistral, "hidden_states", counting("forward", Mistral.hidden_states))
     monkeypatch.setattr(T, "reference_logps", counting("reference", T.reference_logps))
-    monkeypatch.setattr(T, "lora_disabled", counting("adapters_off", T.lora_disabled))
+    monkeypatch.setattr(REF, "lora_disabled", counting("adapters_off", REF.lora_disabled))
     return counts
 
 
@@ -475,10 +477,10 @@ def test_reference_free_config_and_cli(world, tmp_path):
     assert (T.reference_mode(cpo), cpo.cpo_alpha) == (None, 1.0)  # TRL's CPOConfig default
     assert make_config(world, tmp_path).cpo_alpha == 0.0
     for config in (simpo, cpo, make_config(world, tmp_path, loss="simpo", cpo_alpha=0.3, label_smoothing=0.1)):
-        assert T.parse_config(T.config_argv(config)) == config
+        assert C.parse_config(C.config_argv(config)) == config
     parsed = T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--loss", "orpo", "--beta", "0.25"])
     assert (parsed.loss, parsed.beta, T.reference_mode(parsed)) == ("orpo", 0.25, None)
-    text = T.build_parser().format_help()
+    text = C.build_parser().format_help()
     assert "--simpo-gamma" in text and "--cpo-alpha" in text and "simpo, cpo, orpo use no reference" in text
     with pytest.raises(SystemExit):
         T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--loss", "simpo", "--reference", "copy"])
@@ -489,16 +491,16 @@ def test_cli_round_trip(world, tmp_path):
                          loss="robust", label_smoothing=0.1, schedule="linear", grad_accum=2,
                          group_by_length=False, reference="precomputed", seed=7, template="chatml",
                          gradient_checkpointing=True, save_every=3, eval_fraction=0.1)
-    assert T.parse_config(T.config_argv(config)) == config
+    assert C.parse_config(C.config_argv(config)) == config
     sft = T.parse_config(["--model", "m", "--data", "a.jsonl", "b::standard", "--out", "o", "--lora-r", "8",
                           "--lora-targets", "q_proj,k_proj", "--no-group-by-length", "--full"], command="sft")
     assert (sft.mode, sft.data, sft.lora_r, sft.lora_targets, sft.group_by_length, sft.full) == \
            ("sft", ["a.jsonl", "b::standard"], 8, ["q_proj", "k_proj"], False, True)
     assert sft.lr == T.TrainConfig.__dataclass_fields__["lr"].default
-    text = T.build_parser().format_help()
+    text = C.build_parser().format_help()
     for flag in ("--lora-alpha", "--max-prompt-length", "--reference", "--no-prefix-sharing", "--resume"):
         assert flag in text
-    assert "DPO temperature beta" in text  # help comes from the field's comment
+    assert "DPO temperature beta" in text  # help comes from the field's metadata
     with pytest.raises(SystemExit):
         T.parse_config(["--model", "m", "--data", "d", "--out", "o", "--batch-size", "6", "--grad-accum", "4"])
 
