@@ -124,6 +124,8 @@ class ExperimentConfig:
         for name in ("benchmark_questions", "world_pairs", "sft_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.preset == "paper" and self.split != "benchmark":
+            raise ValueError("--split dev is the tiny preset's (MT-Bench has no dev questions)")
         bad = set(self.train) & set(ROW_FIELDS)
         if bad:
             raise ValueError(f"train settings {sorted(bad)} are set by the sweep for each row")
@@ -485,8 +487,9 @@ def markdown(rows: list[dict], experiment: str, base_score=None, questions: int 
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], experiment: str, path: Path) -> None:
-    """Stacked wins/ties/losses per row (matplotlib, the `plot` extra)."""
+def plot(rows: list[dict], experiment: str, path: Path, base_score=None) -> None:
+    """Stacked wins/ties/losses per row and, where the verifier scored them, the absolute accuracy
+    with its seed spread (or, with one seed, its question bootstrap) against the base's."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -495,18 +498,37 @@ def plot(rows: list[dict], experiment: str, path: Path) -> None:
         log(f"matplotlib is not installed (pip install 'minidpo[plot]'): {path} not drawn")
         return
     labels = [r["label"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    scored = all(r.get("accuracy") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(11 if scored else 6, 3.8), squeeze=False)
+    ax = axes[0][0]
     bottom = [0] * len(rows)
     for name, colour in (("wins", "#2a9d8f"), ("ties", "#bbbbbb"), ("losses", "#e76f51")):
         values = [r[name] for r in rows]
         ax.bar(labels, values, bottom=bottom, color=colour, label=name)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("question-turns (summed over seeds)")
-    ax.set_title(f"DPO vs base: {experiment} experiment")
-    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set_title(f"DPO vs base: {experiment} experiment", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    if scored:
+        _accuracy_panel(axes[0][1], rows, labels, base_score)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _accuracy_panel(ax, rows, labels, base_score):
+    means = [r["accuracy"] for r in rows]
+    spans = [r.get("accuracy_seed_interval") or r.get("accuracy_interval") for r in rows]
+    errors = [[m - s[0] if s else 0 for m, s in zip(means, spans)], [s[1] - m if s else 0 for m, s in zip(means, spans)]]
+    ax.errorbar(labels, means, yerr=errors, fmt="o", capsize=4, color="#264653", label="DPO")
+    if base_score is not None:
+        ax.axhline(base_score["accuracy"], color="#e76f51", linestyle="--", label="base")
+        if base_score.get("interval"):
+            ax.axhspan(*base_score["interval"], color="#e76f51", alpha=0.15)
+    what = "seed spread 95%" if rows and rows[0]["seeds"] > 1 else "question bootstrap 95%"
+    ax.set_ylim(0, 1)
+    ax.set_title(f"absolute accuracy (verifier), {what}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
 
 
 def curves(rows: list[dict], path: Path) -> dict:
@@ -576,7 +598,7 @@ def write_results(config: ExperimentConfig, sweep: Sweep, rows: list[dict], base
     tmp = out / "results.md.tmp"
     tmp.write_text(table)
     os.replace(tmp, out / "results.md")
-    plot(rows, config.experiment, out / "plot.png")
+    plot(rows, config.experiment, out / "plot.png", base_score)
     _write_json(out / "curves.json", curves(rows, out / "curves.png"))  # the data behind the figure
     print(f"\n{config.experiment} experiment ({config.preset}, {config.split}): {out}/results.md\n\n{table}",
           flush=True)
@@ -638,7 +660,8 @@ def format_plan(plan: dict) -> str:
     lines += ["", "| run | pairs (at most) |", "|---|---:|"]
     lines += [f"| {r['key']} | {r['pairs']:,} |" for r in plan["rows"]]
     lines += ["", f"DPO trainings: {plan['trainings']} ({len(plan['rows'])} rows x {plan['seeds']} seed(s))",
-              "DPO settings: " + ", ".join(f"{k}={v}" for k, v in sorted(plan["train"].items())),
+              "DPO settings: " + ", ".join(f"{k}={v}" for k, v in sorted(plan["train"].items())
+                                           if k not in BOOKKEEPING),
               "generation: " + ", ".join(f"{k}={v}" for k, v in sorted(plan["generation"].items()))
               + (" (seed: the row's DPO seed; the base's answers seed 0)" if "seed" in plan["generation"] else ""),
               f"questions: {plan['questions']['source']}, {plan['questions']['count']} x "
