@@ -30,6 +30,7 @@ OUT/results.json, results.md, plot.png, curves.png (and curves.json, the data it
 each run's `computed` lists the stages it had to compute this time, `digests` their keys.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -147,6 +148,21 @@ def log(message: str) -> None:
 def digest(*parts) -> str:
     """SHA-256 of JSON-able parts: the key of a stage's output."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on `path` (a .lock file): two sweeps sharing a cache (say, a tuning run
+    beside the demo) wait for each other's stage instead of writing one folder together."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -284,13 +300,18 @@ def load_benchmark(preset: Preset):
 
 def train_stage(sweep: Sweep, row: dict, seed: int) -> dict:
     """LoRA DPO for one row and seed, or the adapter an earlier run with the same key trained."""
-    from minidpo.train import TrainConfig, train
-
     preset = sweep.preset
     given, settings = train_settings(preset, sweep.config, row, seed)
     key = digest("train", preset.base_digest, [preset.data_digest[n] for n in row["names"]], settings)
     folder = sweep.cache / "train" / key[:16]
-    done = folder / "done.json"
+    with _locked(folder.with_name(folder.name + ".lock")):
+        return _train_locked(sweep, row, seed, given, settings, key, folder)
+
+
+def _train_locked(sweep, row, seed, given, settings, key, folder) -> dict:
+    from minidpo.train import TrainConfig, train
+
+    preset, done = sweep.preset, folder / "done.json"
     computed = not done.is_file()
     if computed:
         log(f"{row['key']} seed {seed}: training ({key[:12]})")
@@ -301,7 +322,7 @@ def train_stage(sweep: Sweep, row: dict, seed: int) -> dict:
             raise SystemExit(f"training of {row['key']} seed {seed} was {result['status']}; run the same "
                              f"command again to resume it")
         _write_json(done, {"key": key, "train_pairs": result["train_pairs"], "settings": settings,
-                           "final": str(Path(result["final"]).relative_to(folder))})
+                           "final": str(Path(result["final"]).resolve().relative_to(folder.resolve()))})
     else:
         log(f"{row['key']} seed {seed}: training reused ({key[:12]})")
     info = json.loads(done.read_text())
@@ -316,15 +337,16 @@ def answers_stage(sweep: Sweep, *, weights: str, model_id: str, seed: int, lora=
     gen = generation_settings(sweep.preset, sweep.config, seed)
     key = digest("answers", weights, sweep.questions_digest, gen)
     path = sweep.cache / "answers" / f"{key[:16]}.jsonl"
-    computed = not {q.question_id for q in sweep.questions} <= read_answered(path, model_id)
-    if computed:
-        log(f"{model_id}: answering {len(sweep.questions)} questions ({key[:12]})")
-        model, tok = load_for_generation(sweep.preset.base, lora=lora,
-                                         template=sweep.preset.train.get("template") or None)
-        answer_questions(model, tok, sweep.questions, model_id=model_id, out_path=path,
-                         batch_size=ANSWER_BATCH, progress=True, **gen)
-    else:
-        log(f"{model_id}: answers reused ({key[:12]})")
+    with _locked(path.with_suffix(".lock")):
+        computed = not {q.question_id for q in sweep.questions} <= read_answered(path, model_id)
+        if computed:
+            log(f"{model_id}: answering {len(sweep.questions)} questions ({key[:12]})")
+            model, tok = load_for_generation(sweep.preset.base, lora=lora,
+                                             template=sweep.preset.train.get("template") or None)
+            answer_questions(model, tok, sweep.questions, model_id=model_id, out_path=path,
+                             batch_size=ANSWER_BATCH, progress=True, **gen)
+        else:
+            log(f"{model_id}: answers reused ({key[:12]})")
     return {"key": key, "computed": computed, "path": path, "generation": gen, "model_id": model_id,
             "content": answers_digest(path)}
 
@@ -348,11 +370,12 @@ def judge_stage(sweep: Sweep, mine: dict, base: dict) -> dict:
     key = digest("judge", mine["content"], base["content"], mine["model_id"], base["model_id"], name,
                  prompts.sha256, sweep.questions_digest)
     folder = sweep.cache / "judge" / key[:16]
-    before = len(read_judgments(folder / JUDGMENTS_FILE))
-    summary = judge_pairwise(sweep.questions, mine["path"], base["path"], sweep.judge, folder, prompts=prompts,
-                             workers=sweep.config.workers if sweep.preset.name == "paper" else 1,
-                             progress=sweep.preset.name == "paper")
-    records = [r for _, r in read_judgments(folder / JUDGMENTS_FILE)]
+    with _locked(folder.with_name(folder.name + ".lock")):
+        before = len(read_judgments(folder / JUDGMENTS_FILE))
+        summary = judge_pairwise(sweep.questions, mine["path"], base["path"], sweep.judge, folder,
+                                 prompts=prompts, workers=sweep.config.workers if sweep.preset.name == "paper" else 1,
+                                 progress=sweep.preset.name == "paper")
+        records = [r for _, r in read_judgments(folder / JUDGMENTS_FILE)]
     log(f"{mine['model_id']} vs base: " + (f"judged ({key[:12]})" if len(records) > before
                                           else f"judgments reused ({key[:12]})"))
     outcomes = question_turn_outcomes(sweep.questions, records)  # later records supersede earlier ones
