@@ -112,6 +112,7 @@ class ExperimentConfig:
     dry_run: bool = _option(False, "print the plan (model, data, settings, judge, requests) and stop; "
                                    "downloads and writes nothing")
     train: dict = field(default_factory=dict, metadata={"help": None})  # TrainConfig field -> value
+    world_overrides: dict = field(default_factory=dict, metadata={"help": None})  # other WorldConfig fields (Python API)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -196,7 +197,8 @@ def world_config(config: ExperimentConfig):
 
     given = {"total_pairs": config.world_pairs, "sft_size": config.sft_size,
              "benchmark_questions": config.benchmark_questions}
-    return WorldConfig(seed=config.world_seed, **{k: v for k, v in given.items() if v})
+    return WorldConfig(**{"seed": config.world_seed, **config.world_overrides,
+                          **{k: v for k, v in given.items() if v}})
 
 
 def source_digest(source: str) -> str:
@@ -592,6 +594,8 @@ def run(config: ExperimentConfig) -> list[dict]:
         print(format_plan(sweep_plan(config)), flush=True)
         return []
     preset = make_preset(config)
+    if preset.world is not None and preset.world.get("report"):
+        world_summary(Path(preset.world["report"]))
     questions, questions_digest = load_benchmark(preset)
     sweep = Sweep(config, preset, questions, questions_digest, make_judge(config, preset), Path(config.cache))
     base = answers_stage(sweep, weights=preset.base_digest, model_id="base", seed=0)
@@ -604,6 +608,12 @@ def run(config: ExperimentConfig) -> list[dict]:
     return rows
 
 
+def world_summary(report: Path) -> None:
+    """The world's report, in a few lines (its numbers are measured on the dev questions)."""
+    lines = _tinybase().summary_lines(json.loads(report.read_text()))
+    print("\n".join([f"tiny world ({report}):"] + lines), flush=True)
+
+
 def write_results(config: ExperimentConfig, sweep: Sweep, rows: list[dict], base: dict, base_score) -> None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -612,7 +622,8 @@ def write_results(config: ExperimentConfig, sweep: Sweep, rows: list[dict], base
     _write_json(out / "results.json", {
         "experiment": config.experiment, "preset": config.preset, "split": config.split,
         "world_seed": config.world_seed if config.preset == "tiny" else None,
-        "world_digest": world.get("digest"), "questions": len(sweep.questions),
+        "world_digest": world.get("digest"), "world_report": str(world["report"]) if world.get("report") else None,
+        "questions": len(sweep.questions),
         "questions_digest": sweep.questions_digest, "base": sweep.preset.base,
         "base_answers": {"digest": base["key"], "computed": base["computed"], "generation": base["generation"]},
         "base_score": base_score, "judge": getattr(sweep.judge, "judge_name", "callable"),
@@ -736,7 +747,7 @@ def build_parser(experiment=None, command="demo") -> argparse.ArgumentParser:
                                 description=description, allow_abbrev=False)
     sweep = p.add_argument_group("sweep")
     for f in dataclasses.fields(ExperimentConfig):
-        if f.name == "train" or (f.name == "experiment" and experiment is not None):
+        if f.metadata.get("help") is None or (f.name == "experiment" and experiment is not None):
             continue
         default = f.default
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS,

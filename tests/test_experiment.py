@@ -15,16 +15,26 @@ import numpy as np
 import pytest
 
 from minidpo import experiment, intervals
-from minidpo.experiment import aggregate, parse, run
+from minidpo.experiment import aggregate, parse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--world-pairs", "100", "--sft-size", "64", "--epochs", "1", "--fractions", "0.5,1.0"]
+SMALL = ["--world-pairs", "100", "--sft-size", "64", "--benchmark-questions", "16", "--epochs", "1",
+         "--fractions", "0.5,1.0"]
+# A world that builds in seconds: what it shows is not the point here, only what is recomputed.
+FAST_WORLD = {"dev_questions": 16, "sft_epochs": 2, "samples": 2}
 
 
 def sweep_args(root, *extra, out="volume"):
     return ["--world", str(root / "world"), "--cache", str(root / "cache"), "--out", str(root / out),
             *SMALL, *extra]
+
+
+def run_sweep(argv, kind="volume"):
+    """parse(argv) with FAST_WORLD, run, and return results.json."""
+    config = dataclasses.replace(parse(argv, kind), world_overrides=FAST_WORLD)
+    experiment.run(config)
+    return json.loads((Path(config.out) / "results.json").read_text())
 
 
 def results(root, out="volume"):
@@ -40,9 +50,9 @@ def computed(res):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("sweep")
-    run(parse(sweep_args(root), "volume"))
+    run_sweep(sweep_args(root))
     first = results(root)
-    run(parse(sweep_args(root), "volume"))
+    run_sweep(sweep_args(root))
     return root, first, results(root)
 
 
@@ -85,7 +95,8 @@ def test_subsets_are_nested_and_counted(sweep):
     from minidpo.data import load_pairs, subset
 
     _, res, _ = sweep
-    sources = [experiment.make_preset(parse(sweep_args(sweep[0]), "volume")).data[n] for n in experiment.SETS]
+    config = dataclasses.replace(parse(sweep_args(sweep[0]), "volume"), world_overrides=FAST_WORLD)
+    sources = [experiment.make_preset(config).data[n] for n in experiment.SETS]
     pairs, _ = load_pairs(sources)
     half, _ = subset(pairs, 0.5, 0)
     full, _ = subset(pairs, 1.0, 0)
@@ -104,7 +115,7 @@ def test_rerun_with_the_same_flags_recomputes_nothing(sweep):
 
 def test_changed_epochs_retrain_every_row_and_nothing_upstream(sweep):
     root, first, _ = sweep
-    run(parse(sweep_args(root, "--epochs", "2", out="epochs"), "volume"))
+    run_sweep(sweep_args(root, "--epochs", "2", out="epochs"))
     res = results(root, "epochs")
     assert computed(res) == ({"fraction-0.5": ["answers", "judge", "train"],
                               "fraction-1": ["answers", "judge", "train"]}, False)  # base answers reused
@@ -118,7 +129,7 @@ def test_a_new_fraction_computes_only_its_row(sweep):
     root, first, _ = sweep
     args = sweep_args(root, out="more")
     args[args.index("--fractions") + 1] = "0.5,1.0,0.75"
-    run(parse(args, "volume"))
+    run_sweep(args)
     res = results(root, "more")
     assert computed(res) == ({"fraction-0.5": [], "fraction-1": [], "fraction-0.75": ["answers", "judge", "train"]},
                              False)
@@ -129,7 +140,7 @@ def test_a_changed_world_recomputes_everything(sweep):
     root, first, _ = sweep
     args = sweep_args(root, out="world2")
     args[args.index("--world-pairs") + 1] = "120"
-    run(parse(args, "volume"))
+    run_sweep(args)
     res = results(root, "world2")
     assert res["world_digest"] != first["world_digest"]
     assert computed(res) == ({"fraction-0.5": ["answers", "judge", "train"],
@@ -141,7 +152,7 @@ def test_train_flags_are_recorded_per_run_and_key_the_training(sweep):
     root, first, _ = sweep
     args = sweep_args(root, "--beta", "0.3", "--lora-r", "4", out="beta")
     args[args.index("--fractions") + 1] = "1.0"
-    run(parse(args, "volume"))
+    run_sweep(args)
     res = results(root, "beta")
     settings = res["rows"][0]["runs"][0]["settings"]
     assert (settings["beta"], settings["lora_r"], settings["fraction"], settings["seed"]) == (0.3, 4, 1.0, 0)
