@@ -221,7 +221,7 @@ def _choice(value: str, default, none_words=("builtin", "none")):
 
 def tiny_preset(config: ExperimentConfig) -> Preset:
     """The tiny world, built (data, SFT base, report) on first use by tinybase.prepare."""
-    tinybase = _tinybase()
+    from minidpo import tinybase
 
     paths = tinybase.prepare(config.world, world_config(config), log=log)
     data = {name: str(paths[name]) for name in SETS}
@@ -392,7 +392,9 @@ def score_stage(sweep: Sweep, answers: dict):
     """The verifier's single-answer score of one answer set (tiny preset; None for the paper's)."""
     if sweep.preset.world is None:
         return None
-    score = _score_answers()(sweep.preset.questions, answers["path"])
+    from minidpo.tinyworld import score_answers
+
+    score = score_answers(sweep.preset.questions, answers["path"])
     out = {k: score[k] for k in ("accuracy", "turn_1", "turn_2", "n") if k in score}
     if "per_question" in score:  # [right, graded] per question, for the bootstrap over questions
         out["per_question"] = {str(q): [int(sum(map(bool, ok))), len(ok)] for q, ok in score["per_question"].items()}
@@ -610,7 +612,9 @@ def run(config: ExperimentConfig) -> list[dict]:
 
 def world_summary(report: Path) -> None:
     """The world's report, in a few lines (its numbers are measured on the dev questions)."""
-    lines = _tinybase().summary_lines(json.loads(report.read_text()))
+    from minidpo.tinybase import summary_lines
+
+    lines = summary_lines(json.loads(report.read_text()))
     print("\n".join([f"tiny world ({report}):"] + lines), flush=True)
 
 
@@ -652,7 +656,7 @@ def _plan_sizes(config: ExperimentConfig):
     world = world_config(config)
     sizes = split_sizes(world.total_pairs)
     count = getattr(world, "benchmark_questions" if config.split == "benchmark" else "dev_questions", None)
-    return {n: (f"{config.world}/... ({n}, tiny world)", sizes[n]) for n in SETS}, count
+    return {n: (f"{config.world}/<world digest>/pairs/{n}.jsonl (sampled from the base)", sizes[n]) for n in SETS}, count
 
 
 def sweep_plan(config: ExperimentConfig) -> dict:
@@ -661,7 +665,7 @@ def sweep_plan(config: ExperimentConfig) -> dict:
     if config.preset == "paper":
         preset = paper_preset(config)
     else:
-        tinybase = _tinybase()
+        from minidpo import tinybase
         preset = Preset("tiny", f"{config.world} (SFT base, built on first use)", "", {}, {}, config.split,
                         _choice(config.references, None), _choice(config.judge_prompts, None),
                         dict(tinybase.RECIPE), dict(tinybase.GENERATION))
@@ -806,68 +810,3 @@ def cli(argv=None, command: str = "demo") -> int:
         run(config_from_args(parser, given, experiment))
     log(f"demo finished in {(time.time() - start) / 60:.1f} min")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------
-# TEMPORARY (until minidpo.tinybase lands): the contract of /work/notes/demo-interface.md served by
-# the current tinyworld, so the sweep can be run end to end. Removed when tinybase is committed.
-
-def _tinybase():
-    try:
-        from minidpo import tinybase
-        return tinybase
-    except ImportError:
-        return _LegacyTinybase
-
-
-def _score_answers():
-    from minidpo import tinyworld
-    return getattr(tinyworld, "score_answers", _legacy_score)
-
-
-def _legacy_score(questions_path, answers_path):
-    from minidpo.questions import load_answers, load_questions
-    from minidpo.tinyworld import check_answer
-
-    answers = load_answers(answers_path)
-    per_question = {q.question_id: [check_answer(list(q.turns), t + 1, answers[q.question_id].turns[t])
-                                    for t in range(len(q.turns))] for q in load_questions(questions_path)}
-    flat = [ok for oks in per_question.values() for ok in oks]
-    return {"accuracy": sum(flat) / len(flat), "turn_1": float(np.mean([o[0] for o in per_question.values()])),
-            "turn_2": float(np.mean([o[1] for o in per_question.values()])), "n": len(flat),
-            "per_question": per_question}
-
-
-class _LegacyTinybase:
-    RECIPE = {"beta": 0.1, "lora_r": 16, "lora_alpha": 32.0, "lr": 2e-3, "warmup_ratio": 0.1, "epochs": 2,
-              "batch_size": 16, "max_length": 128, "max_prompt_length": 96, "lora_dropout": 0.0,
-              "rpo_alpha": 1.0}
-    GENERATION = {"max_new_tokens": 24, "temperature": 0.0}
-
-    @staticmethod
-    def prepare(directory, config, log=print):
-        import shutil
-
-        import minidpo
-        from minidpo import tinyworld
-        from minidpo.train import TrainConfig, train
-
-        key = digest(dataclasses.asdict(config))
-        world = Path(directory) / key[:16]
-        paths = {name: world / rel for name, rel in tinyworld.FILES.items()}
-        if not (world / "world.json").is_file():
-            tinyworld.write_world(world, config)
-        if not (world / "base" / "config.json").is_file():
-            init = world / "init"
-            mc = minidpo.MistralConfig.from_json(paths["model"] / "config.json")
-            minidpo.save_model(minidpo.Mistral(mc).init_weights(seed=0), init)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(paths["model"] / name, init / name)
-            train(TrainConfig(model=str(init), data=[f"{paths['sft']}::sft"], out=str(world / "sft"), mode="sft",
-                              full=True, lr=3e-3, epochs=1, batch_size=32, max_length=128, max_prompt_length=96,
-                              warmup_ratio=0.05, seed=0, save_every=100, resume=True, template="chatml"))
-            shutil.copytree(world / "sft" / "final", world / "base.tmp", dirs_exist_ok=True)
-            os.replace(world / "base.tmp", world / "base")
-        out = {name: f"{paths[name]}::{name}" for name in SETS}
-        return {**out, "base": world / "base", "benchmark": paths["questions"], "dev": paths["questions"],
-                "report": None, "digest": key, "world": world}
