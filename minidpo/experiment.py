@@ -286,18 +286,20 @@ class Sweep:
     config: ExperimentConfig
     preset: Preset
     questions: list  # minidpo.questions.Question, references included
-    questions_digest: str
+    questions_digest: str  # what the models are asked (answers depend on it)
+    references_digest: str  # what the judge is shown besides (judgments depend on it too)
     judge: object
     cache: Path
 
 
 def load_benchmark(preset: Preset):
-    """The questions the sweep answers (with references) and their digest."""
+    """The questions the sweep answers (with references), the digest of their text, and the digest
+    of their references."""
     from minidpo.questions import load_questions
 
     questions = load_questions(preset.questions, references=preset.references)
-    return questions, digest([[q.question_id, q.category, list(q.turns), list(q.reference or ())]
-                              for q in questions])
+    return (questions, digest([[q.question_id, q.category, list(q.turns)] for q in questions]),
+            digest([[q.question_id, list(q.reference or ())] for q in questions]))
 
 
 def train_stage(sweep: Sweep, row: dict, seed: int) -> dict:
@@ -370,7 +372,7 @@ def judge_stage(sweep: Sweep, mine: dict, base: dict) -> dict:
     name = getattr(sweep.judge, "judge_name", "callable")
     # the model ids too: judge_pairwise keeps one folder per pair of models
     key = digest("judge", mine["content"], base["content"], mine["model_id"], base["model_id"], name,
-                 prompts.sha256, sweep.questions_digest)
+                 prompts.sha256, sweep.questions_digest, sweep.references_digest)
     folder = sweep.cache / "judge" / key[:16]
     with _locked(folder.with_name(folder.name + ".lock")):
         before = len(read_judgments(folder / JUDGMENTS_FILE))
@@ -415,6 +417,7 @@ def run_one(sweep: Sweep, row: dict, seed: int, base: dict) -> dict:
             **{k: s[k] for k in ("wins", "ties", "losses", "errors", "question_turns", "win_rate",
                                  "adjusted_win_rate")},
             "net_win": intervals.net_win([s["wins"], s["ties"], s["losses"]]),
+            "judge": {k: s.get(k) for k in ("judge", "prompts", "references")},
             "per_question": judged["per_question"], "score": score_stage(sweep, mine),
             "metrics": str(trained["metrics"])}
 
@@ -598,8 +601,7 @@ def run(config: ExperimentConfig) -> list[dict]:
     preset = make_preset(config)
     if preset.world is not None and preset.world.get("report"):
         world_summary(Path(preset.world["report"]))
-    questions, questions_digest = load_benchmark(preset)
-    sweep = Sweep(config, preset, questions, questions_digest, make_judge(config, preset), Path(config.cache))
+    sweep = Sweep(config, preset, *load_benchmark(preset), make_judge(config, preset), Path(config.cache))
     base = answers_stage(sweep, weights=preset.base_digest, model_id="base", seed=0)
     rows = []
     for row in plan_rows(config):
@@ -627,8 +629,8 @@ def write_results(config: ExperimentConfig, sweep: Sweep, rows: list[dict], base
         "experiment": config.experiment, "preset": config.preset, "split": config.split,
         "world_seed": config.world_seed if config.preset == "tiny" else None,
         "world_digest": world.get("digest"), "world_report": str(world["report"]) if world.get("report") else None,
-        "questions": len(sweep.questions),
-        "questions_digest": sweep.questions_digest, "base": sweep.preset.base,
+        "questions_file": sweep.preset.questions, "questions": len(sweep.questions),
+        "questions_digest": sweep.questions_digest, "references_digest": sweep.references_digest, "base": sweep.preset.base,
         "base_answers": {"digest": base["key"], "computed": base["computed"], "generation": base["generation"]},
         "base_score": base_score, "judge": getattr(sweep.judge, "judge_name", "callable"),
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "unit": "question", "level": 0.95},

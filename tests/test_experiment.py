@@ -163,6 +163,46 @@ def test_train_flags_are_recorded_per_run_and_key_the_training(sweep):
     assert adapter["r"] == 4  # the recorded setting is the one trained with
 
 
+def test_dev_split_reuses_the_training_and_a_second_seed_trains_once(sweep):
+    root, first, _ = sweep
+    res = run_sweep(sweep_args(root, "--split", "dev", "--seeds", "2", out="dev"))
+    assert res["split"] == "dev" and res["questions"] == FAST_WORLD["dev_questions"]
+    assert res["questions_file"] != first["questions_file"] and res["world_digest"] == first["world_digest"]
+    dev_ids = {json.loads(line)["question_id"] for line in open(res["questions_file"])}
+    bench_ids = {json.loads(line)["turns"][0] for line in open(first["questions_file"])}
+    assert not {json.loads(line)["turns"][0] for line in open(res["questions_file"])} & bench_ids
+    assert len(dev_ids) == FAST_WORLD["dev_questions"]
+    per_run = {(r["key"], run["seed"]): run["computed"] for r in res["rows"] for run in r["runs"]}
+    assert per_run == {("fraction-0.5", 0): ["answers", "judge"], ("fraction-0.5", 1): ["train", "answers", "judge"],
+                       ("fraction-1", 0): ["answers", "judge"], ("fraction-1", 1): ["train", "answers", "judge"]}
+    assert res["base_answers"]["computed"]
+    for r in res["rows"]:
+        assert r["seeds"] == 2 and r["win_rate_seed_interval"] is not None
+        assert r["wins"] + r["ties"] + r["losses"] + r["errors"] == 2 * 2 * FAST_WORLD["dev_questions"]
+
+
+def test_judge_prompts_and_references_rejudge_and_nothing_else(sweep, tmp_path):
+    from minidpo.judge_prompts import BUILTIN
+
+    root, first, _ = sweep
+    prompts = tmp_path / "prompts.jsonl"  # the built-in texts in FastChat's layout, one system prompt changed
+    prompts.write_text("".join(json.dumps({"name": name, "type": "pairwise", "system_prompt": system + " Be fair.",
+                                           "prompt_template": template}) + "\n"
+                               for name, (system, template) in BUILTIN.prompts.items()))
+    references = tmp_path / "refs.jsonl"
+    questions = [json.loads(line) for line in open(first["questions_file"])]
+    references.write_text("".join(json.dumps({"question_id": q["question_id"], "model_id": "gpt-4",
+                                              "choices": [{"index": 0, "turns": ["r1", "r2"]}]}) + "\n"
+                                  for q in questions))
+    res = run_sweep(sweep_args(root, "--judge-prompts", str(prompts), "--references", str(references), out="prompts"))
+    assert computed(res) == ({"fraction-0.5": ["judge"], "fraction-1": ["judge"]}, False)
+    run0 = res["rows"][0]["runs"][0]
+    assert run0["judge"]["prompts"]["name"] == "prompts.jsonl"
+    assert "refs.jsonl" in run0["judge"]["references"]["files"]
+    assert res["references_digest"] != first["references_digest"]
+    assert res["questions_digest"] == first["questions_digest"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Intervals.
 
