@@ -20,11 +20,12 @@ of its inputs, so that changing a knob recomputes what depends on it and reuses 
     train    CACHE/train/<key>/          the base's digest, the row's data files' contents, every
                                          TrainConfig setting that changes the weights (preset
                                          recipe + command-line flags, fraction, seed)
-    answers  CACHE/answers/<key>.jsonl   the weights' key, the questions (and references), the
-                                         generation settings
-    judge    CACHE/judge/<key>/          the contents of the two answer sets, the judge, the
-                                         prompt set, the questions (minidpo.judge keys each
-                                         request again by the SHA-256 of its text)
+    answers  CACHE/answers/<key>.jsonl   the weights' key, the questions' text, the generation
+                                         settings
+    judge    CACHE/judge/<key>/          the contents of the two answer sets and their model ids,
+                                         the judge, the prompt set, the questions and their
+                                         references (minidpo.judge keys each request again by
+                                         the SHA-256 of its text)
 
 OUT/results.json, results.md, plot.png, curves.png (and curves.json, the data it draws) are written from those stages on every run;
 each run's `computed` lists the stages it had to compute this time, `digests` their keys.

@@ -298,7 +298,8 @@ def test_train_flags_come_from_trainconfig():
     flags = {a.dest[len("train."):]: a for a in parser._actions if a.dest.startswith("train.")}
     expected = {f.name for f in dataclasses.fields(TrainConfig)} - set(experiment.ROW_FIELDS)
     assert set(flags) == expected
-    assert all(a.help for a in parser._actions if a.dest != "help"), "every flag says what it does"
+    for p in (parser, experiment.build_parser(None)):  # an example script's and demo's
+        assert all(a.help for a in p._actions if a.dest != "help"), "every flag says what it does"
     config = parse(["--beta", "0.3", "--lora-r", "4", "--no-prefix-sharing", "--loss", "ipo",
                     "--lora-targets", "q_proj", "v_proj"], "volume")
     assert config.train == {"beta": 0.3, "lora_r": 4, "prefix_sharing": False, "loss": "ipo",
