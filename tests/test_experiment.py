@@ -321,3 +321,14 @@ def test_demo_help_says_what_it_is(capsys):
 def test_default_out_names_split_and_world():
     assert parse([], "volume").out == "runs/volume"
     assert parse(["--split", "dev", "--world-seed", "2"], "type").out == "runs/type-dev-world-2"
+
+
+def test_demo_runs_both_sweeps_with_the_same_flags(monkeypatch):
+    seen = []
+    monkeypatch.setattr(experiment, "run", seen.append)
+    assert experiment.cli(["--out", "somewhere", "--seeds", "3", "--world-seed", "2", "--beta", "0.2"]) == 0
+    assert [(c.experiment, c.out, c.seeds, c.world_seed, c.train) for c in seen] == [
+        ("volume", "somewhere/volume", 3, 2, {"beta": 0.2}), ("type", "somewhere/type", 3, 2, {"beta": 0.2})]
+    seen.clear()
+    experiment.cli(["--experiment", "type", "--split", "dev"])
+    assert [(c.experiment, c.out) for c in seen] == [("type", "runs/type-dev")]
