@@ -433,9 +433,13 @@ def _stacked(runs: list[dict], key: str, width: int):
                      for q in ids], dtype=np.float64).reshape(-1, width)
 
 
-def _spread(out: dict, name: str, values: list) -> None:
-    s = intervals.seed_spread(values)
+def _spread(out: dict, name: str, values: list):
+    """Mean, sd and seed interval of the runs' values; a run with nothing decided (None, NaN: every
+    question-turn an error) has no value, and the mean is over the others."""
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    s = intervals.seed_spread(values) if values else {"mean": None, "sd": None, "interval": None}
     out[name], out[f"{name}_sd"], out[f"{name}_seed_interval"] = s["mean"], s["sd"], s["interval"]
+    return s["interval"]
 
 
 def score_columns(runs: list[dict]) -> dict:
@@ -466,7 +470,7 @@ def aggregate(row: dict, runs: list[dict]) -> dict:
     _spread(out, "win_rate", [r["win_rate"] for r in runs])
     out["interval"] = intervals.question_bootstrap(per_question, intervals.win_rate, samples=BOOTSTRAP_SAMPLES)
     out["net_win"] = intervals.net_win([out["wins"], out["ties"], out["losses"]])  # pooled over seeds
-    out["net_win_seed_interval"] = intervals.seed_spread([r["net_win"] for r in runs])["interval"]
+    out["net_win_seed_interval"] = _spread({}, "net_win", [r["net_win"] for r in runs])
     out["net_win_interval"] = intervals.question_bootstrap(per_question, intervals.net_win,
                                                            samples=BOOTSTRAP_SAMPLES)
     out.update(score_columns(runs))
@@ -479,7 +483,7 @@ def aggregate(row: dict, runs: list[dict]) -> dict:
 # Tables and plots.
 
 def _num(x, digits=3):
-    return "n/a" if x is None else f"{x:.{digits}f}"
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"  # x != x: NaN
 
 
 def _iv(x):
