@@ -458,10 +458,30 @@ def score_columns(runs: list[dict]) -> dict:
     return out
 
 
-def aggregate(row: dict, runs: list[dict]) -> dict:
-    """One table row from a row's seeds: summed counts; win rate, (W-L)/decided and accuracy, each
-    with its seed spread (`*_seed_interval`, t quantile) and its question bootstrap (`interval`,
-    `net_win_interval`, `accuracy_interval`, pooled over seeds)."""
+def accuracy_gain(runs: list[dict], base_score) -> dict:
+    """The row's accuracy minus the base's: seed spread, and a paired question bootstrap (each
+    resample draws the same questions for the row, in every seed, and for the base)."""
+    if base_score is None or any(r["score"] is None for r in runs):
+        return {"accuracy_gain": None}
+    out = {}
+    _spread(out, "accuracy_gain", [r["score"]["accuracy"] - base_score["accuracy"] for r in runs])
+    ids = set(base_score.get("per_question") or ())
+    if ids and all(set(r["score"].get("per_question") or ()) == ids for r in runs):
+        mine = _stacked([r["score"] for r in runs], "per_question", 2)
+        base = _stacked([base_score], "per_question", 2)
+        paired = np.concatenate([mine, base], axis=1)  # same question order: both sorted by id
+        out["accuracy_gain_interval"] = intervals.question_bootstrap(
+            paired, lambda c: c[0] / c[1] - c[2] / c[3], samples=BOOTSTRAP_SAMPLES)
+    else:
+        out["accuracy_gain_interval"] = None
+    return out
+
+
+def aggregate(row: dict, runs: list[dict], base_score=None) -> dict:
+    """One table row from a row's seeds: summed counts; win rate, (W-L)/decided, accuracy and its
+    gain over the base, each with its seed spread (`*_seed_interval`, t quantile) and its question
+    bootstrap (`interval`, `net_win_interval`, `accuracy_interval`, `accuracy_gain_interval`, pooled
+    over seeds)."""
     label = {"fraction": row["fraction"]} if "dataset" not in row else {"dataset": row["dataset"]}
     out = {**label, "key": row["key"], "label": row["label"], "pairs": runs[0]["pairs"], "seeds": len(runs)}
     for k in ("wins", "ties", "losses", "errors", "question_turns"):
@@ -474,6 +494,7 @@ def aggregate(row: dict, runs: list[dict]) -> dict:
     out["net_win_interval"] = intervals.question_bootstrap(per_question, intervals.net_win,
                                                            samples=BOOTSTRAP_SAMPLES)
     out.update(score_columns(runs))
+    out.update(accuracy_gain(runs, base_score))
     out["settings"] = runs[0]["settings"]  # the seeds differ in `seed` only (see runs)
     out["runs"] = runs
     return out
@@ -510,15 +531,17 @@ def markdown(rows: list[dict], experiment: str, base_score=None, questions: int 
         return "\n".join(lines) + "\n"
     lines += ["", "Absolute accuracy (the verifier's single-answer score; turn 2 graded against the model's "
               "own turn 1):", "",
-              "| model | seeds | accuracy | seed spread 95% | question bootstrap 95% | turn 1 | turn 2 |",
-              "|---|---:|---:|---|---|---:|---:|"]
+              "| model | seeds | accuracy | seed spread 95% | question bootstrap 95% | turn 1 | turn 2 "
+              "| minus base | seed spread 95% | paired question bootstrap 95% |",
+              "|---|---:|---:|---|---|---:|---:|---:|---|---|"]
     if base_score is not None:
         lines.append(f"| base | 1 | {_num(base_score['accuracy'])} | n/a | {_iv(base_score.get('interval'))} "
-                     f"| {_num(base_score.get('turn_1'))} | {_num(base_score.get('turn_2'))} |")
+                     f"| {_num(base_score.get('turn_1'))} | {_num(base_score.get('turn_2'))} | | | |")
     for r in rows:
         lines.append(f"| {r['label']} | {r['seeds']} | {_num(r.get('accuracy'))} "
                      f"| {_iv(r.get('accuracy_seed_interval'))} | {_iv(r.get('accuracy_interval'))} "
-                     f"| {_num(r.get('turn_1'))} | {_num(r.get('turn_2'))} |")
+                     f"| {_num(r.get('turn_1'))} | {_num(r.get('turn_2'))} | {_num(r.get('accuracy_gain'))} "
+                     f"| {_iv(r.get('accuracy_gain_seed_interval'))} | {_iv(r.get('accuracy_gain_interval'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -608,11 +631,11 @@ def run(config: ExperimentConfig) -> list[dict]:
         world_summary(Path(preset.world["report"]))
     sweep = Sweep(config, preset, *load_benchmark(preset), make_judge(config, preset), Path(config.cache))
     base = answers_stage(sweep, weights=preset.base_digest, model_id="base", seed=0)
+    base_score = base_score_row(sweep, base)
     rows = []
     for row in plan_rows(config):
         runs = [run_one(sweep, row, seed, base) for seed in range(config.seeds)]
-        rows.append(aggregate(row, runs))
-    base_score = base_score_row(sweep, base)
+        rows.append(aggregate(row, runs, base_score))
     write_results(config, sweep, rows, base, base_score)
     return rows
 

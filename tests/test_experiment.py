@@ -71,6 +71,8 @@ def test_results_files_are_consistent(sweep):
         assert lo <= r["win_rate"] <= hi
         assert r["win_rate_seed_interval"] is None  # one seed: no spread to measure, and none shown
         assert 0 <= r["accuracy"] <= 1 and r["accuracy_interval"][0] <= r["accuracy"] <= r["accuracy_interval"][1]
+        assert r["accuracy_gain"] == pytest.approx(r["accuracy"] - res["base_score"]["accuracy"])
+        assert r["accuracy_gain_interval"][0] <= r["accuracy_gain"] <= r["accuracy_gain_interval"][1]
     table = (out / "results.md").read_text()
     assert "| base |" in table and "seed spread 95%" in table and "question bootstrap 95%" in table
     assert (out / "plot.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
@@ -266,6 +268,24 @@ def test_aggregate_keeps_seed_spread_and_question_bootstrap_apart():
     assert row["accuracy"] == pytest.approx(0.6) and row["accuracy_interval"] is None  # no per-question scores
     table = experiment.markdown([row], "volume", None, 20)
     assert "| 100% | 50 | 3 |" in table
+
+
+def test_accuracy_gain_is_paired_over_questions():
+    def scored(seed, right):  # right: per question, turns right out of 2
+        return {"seed": seed, "score": {"accuracy": sum(right) / (2 * len(right)),
+                                        "per_question": {str(81 + i): [k, 2] for i, k in enumerate(right)}}}
+
+    rng = np.random.default_rng(1)
+    base_right = list(rng.integers(0, 3, size=40))
+    base = {"accuracy": sum(base_right) / 80, "per_question": {str(81 + i): [k, 2] for i, k in enumerate(base_right)}}
+    same = experiment.accuracy_gain([scored(0, base_right), scored(1, base_right)], base)
+    assert same["accuracy_gain"] == 0 and same["accuracy_gain_interval"] == [0.0, 0.0]  # paired: no spread
+    better = [min(2, k + 1) if i % 2 else k for i, k in enumerate(base_right)]  # one more right on odd questions
+    gain = experiment.accuracy_gain([scored(s, better) for s in range(3)], base)
+    assert gain["accuracy_gain"] == pytest.approx((sum(better) - sum(base_right)) / 80)
+    lo, hi = gain["accuracy_gain_interval"]
+    assert 0 < lo <= gain["accuracy_gain"] <= hi  # every question moves up or stays: never below 0
+    assert gain["accuracy_gain_seed_interval"] == pytest.approx([gain["accuracy_gain"]] * 2)  # seeds agree
 
 
 # ---------------------------------------------------------------------------------------------------
