@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -754,6 +755,14 @@ DEMO = ("The offline demo (make demo): the paper's two DPO experiments on the ti
         "stage is keyed by its inputs under --cache, so a rerun recomputes only what a changed flag affects.")
 
 
+def _plain(kind):
+    """`Optional[X]` / `X | None` -> X: argparse wants a callable type."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return kind
+
+
 def _train_fields():
     """TrainConfig fields a sweep takes from the command line, with their types and help."""
     from minidpo.train import TrainConfig
@@ -770,7 +779,7 @@ def _train_fields():
                 import importlib  # `minidpo.train` the module: the package exports a function of that name
                 fallback = getattr(importlib.import_module("minidpo.train"), "field_help", dict)()
             text = fallback.get(f.name, "")
-        yield f, hints[f.name], text
+        yield f, _plain(hints[f.name]), text
 
 
 def build_parser(experiment=None, command="demo") -> argparse.ArgumentParser:
