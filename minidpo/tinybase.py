@@ -28,6 +28,7 @@ were chosen on the dev questions only; the README says how.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -85,6 +86,24 @@ def prepare(directory, config: WorldConfig = WorldConfig(), log=print) -> dict:
     directory = Path(directory)
     key = digest(config)
     root = directory / key[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(directory / f"{key[:16]}.lock"):  # two sweeps building one world wait for each other
+        return _prepare(directory, root, config, key, log)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare(directory: Path, root: Path, config: WorldConfig, key: str, log) -> dict:
     world = _stage(root / "world", lambda tmp: tinyworld.write_world(tmp, config), log, "writing the world")
     base = _stage(root / "base", lambda tmp: warm_start(world, root / "sft", tmp, config, log), log,
                   "SFT of the base on the sloppy demonstrator")
@@ -272,7 +291,14 @@ def _composition(facts: list[dict]) -> dict:
             "rejected_systematic": sum(f["systematic"] for f in facts),
             "rejected_is_greedy": sum(f["greedy_wrong"] for f in facts),
             "weak": sum(f["weak"] for f in facts), "turn": dict(count(str(f["turn"]) for f in facts)),
-            "family": dict(count(f["family"] for f in facts))}
+            "family": dict(count(f["family"] for f in facts)),
+            "rejected_kinds": dict(count(_kind(f["family"], f["turn"], f["systematic"])
+                                         for f in facts if f["kind"] == "clean"))}
+
+
+def _kind(family: str, turn: int, systematic: bool) -> str:
+    """A mistake's kind: task family, turn, and whether it is the demonstrator's systematic slip."""
+    return f"{family}/turn {turn}/{'systematic' if systematic else 'other'}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +320,7 @@ def _mistakes(world: Path, answers_path: Path) -> dict:
     questions = tinyworld._read_questions(world, "dev")
     answers = {json.loads(l)["question_id"]: json.loads(l)["choices"][0]["turns"]
                for l in answers_path.read_text().splitlines() if l.strip()}
-    out = collections.Counter()
+    out, kinds = collections.Counter(), collections.Counter()
     for q in questions:
         replies = answers[q["question_id"]]
         for k in range(len(q["turns"])):
@@ -309,7 +335,18 @@ def _mistakes(world: Path, answers_path: Path) -> dict:
             out["wrong"] += 1
             out["wrong_systematic"] += systematic
             out["wrong_on_weak"] += weak
-    return dict(out)
+            kinds[_kind(tinyworld.FAMILY[q["category"]], k + 1, systematic)] += 1
+    return {**out, "kinds": dict(kinds)}
+
+
+def _coverage(mistakes: dict, composition: dict) -> dict:
+    """Share of the base's dev mistakes of a kind that a set's clean pairs contrast (reject)."""
+    total = sum(mistakes["kinds"].values()) or 1
+    out = {}
+    for name, sets in [*((n, [n]) for n in SETS), ("pooled", list(SETS))]:
+        seen = {k for n in sets for k in composition[n]["rejected_kinds"]}
+        out[name] = sum(v for k, v in mistakes["kinds"].items() if k in seen) / total
+    return out
 
 
 def reward_accuracy(base: Path, source: str) -> dict:
@@ -347,6 +384,7 @@ def measure(world: Path, base: Path, pairs: Path, config: WorldConfig, key: str)
     summary = json.loads((world / tinyworld.FILES["world"]).read_text())
     return {"digest": key, "config": dataclasses.asdict(config), "generation": GENERATION,
             "sft": summary["sft"], "base_on_dev": score, "base_mistakes_on_dev": mistakes,
+            "mistakes_of_a_kind_the_pairs_contrast": _coverage(mistakes, composition),
             "pairs": composition, "held_out_reward_accuracy": held}
 
 
@@ -356,7 +394,8 @@ def summary_lines(report: dict) -> list[str]:
     lines = [f"base on {dev['n']} dev question-turns: {dev['accuracy']:.1%} right "
              f"(turn 1 {dev['turn_1']:.1%}, turn 2 {dev['turn_2']:.1%})",
              f"  its mistakes: {m.get('wrong', 0)}, of which the demonstrator's systematic slip "
-             f"{m.get('wrong_systematic', 0)}, on a weak turn {m.get('wrong_on_weak', 0)}"]
+             f"{m.get('wrong_systematic', 0)}, on a weak turn {m.get('wrong_on_weak', 0)}; of a kind the "
+             f"pooled pairs contrast {report['mistakes_of_a_kind_the_pairs_contrast']['pooled']:.1%}"]
     for name, c in report["pairs"].items():
         held = report["held_out_reward_accuracy"][name]["chosen_preferred"]
         lines.append(f"  {name}: {c['pairs']} pairs {c['kind']}, rejected = the base's greedy reply in "
