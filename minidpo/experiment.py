@@ -111,6 +111,9 @@ class ExperimentConfig:
                                   "'fastchat' (reference_answer/gpt-4.jsonl, pinned) or 'none' (default: "
                                   "paper fastchat, tiny the world's own)")
     workers: int = _option(4, "paper preset: concurrent judge requests")
+    threads: int = _option(0, "torch CPU threads (0: one for the tiny preset, whose ~1M-parameter matmuls "
+                              "a second thread only slows down, most on a busy machine; torch's default "
+                              "for the paper preset)")
     dry_run: bool = _option(False, "print the plan (model, data, settings, judge, requests) and stop; "
                                    "downloads and writes nothing")
     train: dict = field(default_factory=dict, metadata={"help": None})  # TrainConfig field -> value
@@ -122,6 +125,8 @@ class ExperimentConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {list(choices)}, "
                                  f"got {getattr(self, f.name)!r}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
         for name in ("seeds", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -627,6 +632,7 @@ def run(config: ExperimentConfig) -> list[dict]:
     if config.dry_run:
         print(format_plan(sweep_plan(config)), flush=True)
         return []
+    set_threads(config)
     preset = make_preset(config)
     if preset.world is not None and preset.world.get("report"):
         world_summary(Path(preset.world["report"]))
@@ -639,6 +645,13 @@ def run(config: ExperimentConfig) -> list[dict]:
         rows.append(aggregate(row, runs, base_score))
     write_results(config, sweep, rows, base, base_score)
     return rows
+
+
+def set_threads(config: ExperimentConfig) -> None:
+    import torch
+
+    if config.threads or config.preset == "tiny":
+        torch.set_num_threads(config.threads or 1)
 
 
 def world_summary(report: Path) -> None:
