@@ -492,6 +492,7 @@ def aggregate(row: dict, runs: list[dict], base_score=None) -> dict:
     out = {**label, "key": row["key"], "label": row["label"], "pairs": runs[0]["pairs"], "seeds": len(runs)}
     for k in ("wins", "ties", "losses", "errors", "question_turns"):
         out[k] = sum(r[k] for r in runs)
+    out["seeds_ahead"] = sum(r["wins"] > r["losses"] for r in runs)  # seeds in which DPO won more than it lost
     per_question = _stacked(runs, "per_question", 4)
     _spread(out, "win_rate", [r["win_rate"] for r in runs])
     out["interval"] = intervals.question_bootstrap(per_question, intervals.win_rate, samples=BOOTSTRAP_SAMPLES)
@@ -525,11 +526,12 @@ def markdown(rows: list[dict], experiment: str, base_score=None, questions: int 
              f"counts summed over {seeds} seed(s). Seed spread: mean over seeds +- t(0.975, K-1) sd / "
              f"sqrt(K) (n/a with one seed). Question bootstrap: {BOOTSTRAP_SAMPLES} resamples of the "
              f"questions (turns and seeds kept together).", "",
-             f"| {key} | pairs | seeds | wins | ties | losses | errors | win rate | seed spread 95% "
+             f"| {key} | pairs | seeds | seeds W>L | wins | ties | losses | errors | win rate | seed spread 95% "
              f"| question bootstrap 95% | (W-L)/decided | seed spread 95% | question bootstrap 95% |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['pairs']} | {r['seeds']} | {r['wins']} | {r['ties']} | {r['losses']} "
+        lines.append(f"| {r['label']} | {r['pairs']} | {r['seeds']} | {r['seeds_ahead']} | {r['wins']} | {r['ties']} "
+                     f"| {r['losses']} "
                      f"| {r['errors']} | {_num(r['win_rate'])} | {_iv(r['win_rate_seed_interval'])} "
                      f"| {_iv(r['interval'])} | {_num(r['net_win'])} | {_iv(r['net_win_seed_interval'])} "
                      f"| {_iv(r['net_win_interval'])} |")

@@ -267,7 +267,8 @@ def test_aggregate_keeps_seed_spread_and_question_bootstrap_apart():
     assert row["interval"] != row["win_rate_seed_interval"]  # two quantities, two fields
     assert row["accuracy"] == pytest.approx(0.6) and row["accuracy_interval"] is None  # no per-question scores
     table = experiment.markdown([row], "volume", None, 20)
-    assert "| 100% | 50 | 3 |" in table
+    assert row["seeds_ahead"] == sum(r["wins"] > r["losses"] for r in runs)
+    assert f"| 100% | 50 | 3 | {row['seeds_ahead']} | {w} | {t} | {l} | 0 |" in table
 
 
 def test_accuracy_gain_is_paired_over_questions():
