@@ -91,15 +91,17 @@ def prepare(directory, config: WorldConfig = WorldConfig(), log=print) -> dict:
     key = digest(config)
     root = directory / key[:16]
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(directory / f"{key[:16]}.lock"):  # two sweeps building one world wait for each other
+    with locked(directory / f"{key[:16]}.lock"):  # two sweeps building one world wait for each other
         return _prepare(directory, root, config, key, log)
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def locked(path: Path):
+    """Hold an exclusive lock on the file `path` (created if missing) while the block runs."""
     import fcntl
 
-    with open(path, "w") as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
