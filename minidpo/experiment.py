@@ -31,7 +31,6 @@ OUT/results.json, results.md, plot.png, curves.png (and curves.json, the data it
 each run's `computed` lists the stages it had to compute this time, `digests` their keys.
 """
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,6 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from minidpo import intervals
+# Two sweeps sharing a cache (a tuning run beside the demo) wait for each other's stage instead of
+# writing one folder together.
+from minidpo.tinybase import locked as _locked
 
 SETS = ("capybara", "orca", "ultrafeedback")  # the paper's three sets, as minidpo.data names them
 PAPER_BASE = "teknium/OpenHermes-2.5-Mistral-7B"
@@ -156,21 +158,6 @@ def log(message: str) -> None:
 def digest(*parts) -> str:
     """SHA-256 of JSON-able parts: the key of a stage's output."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Hold an exclusive lock on `path` (a .lock file): two sweeps sharing a cache (say, a tuning run
-    beside the demo) wait for each other's stage instead of writing one folder together."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, obj) -> None:
