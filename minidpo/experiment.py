@@ -616,14 +616,15 @@ def base_score_row(sweep: Sweep, base: dict):
     return score
 
 
-def run(config: ExperimentConfig) -> list[dict]:
-    """The whole sweep; writes results.json, results.md, plot.png and curves.png under `config.out`."""
+def run(config: ExperimentConfig, show_world: bool = True) -> list[dict]:
+    """The whole sweep; writes results.json, results.md, plot.png and curves.png under `config.out`.
+    `show_world`: print the world report's summary first (tiny preset)."""
     if config.dry_run:
         print(format_plan(sweep_plan(config)), flush=True)
         return []
     set_threads(config)
     preset = make_preset(config)
-    if preset.world is not None and preset.world.get("report"):
+    if show_world and preset.world is not None and preset.world.get("report"):
         world_summary(Path(preset.world["report"]))
     sweep = Sweep(config, preset, *load_benchmark(preset), make_judge(config, preset), Path(config.cache))
     base = answers_stage(sweep, weights=preset.base_digest, model_id="base", seed=0)
@@ -844,10 +845,10 @@ def cli(argv=None, command: str = "demo") -> int:
     args = vars(parser.parse_args(argv))
     experiments = [args["experiment"]] if "experiment" in args else ["volume", "type"]
     start = time.time()
-    for experiment in experiments:
+    for i, experiment in enumerate(experiments):
         given = dict(args)
         if "out" in given and len(experiments) > 1:
             given["out"] = str(Path(given["out"]) / experiment)
-        run(config_from_args(parser, given, experiment))
+        run(config_from_args(parser, given, experiment), show_world=i == 0)
     log(f"demo finished in {(time.time() - start) / 60:.1f} min")
     return 0

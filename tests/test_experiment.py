@@ -346,7 +346,7 @@ def test_default_out_names_split_and_world():
 
 def test_demo_runs_both_sweeps_with_the_same_flags(monkeypatch):
     seen = []
-    monkeypatch.setattr(experiment, "run", seen.append)
+    monkeypatch.setattr(experiment, "run", lambda config, show_world=True: seen.append(config))
     assert experiment.cli(["--out", "somewhere", "--seeds", "3", "--world-seed", "2", "--beta", "0.2"]) == 0
     assert [(c.experiment, c.out, c.seeds, c.world_seed, c.train) for c in seen] == [
         ("volume", "somewhere/volume", 3, 2, {"beta": 0.2}), ("type", "somewhere/type", 3, 2, {"beta": 0.2})]
