@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from minidpo import intervals
+from minidpo.files import write_json
 # Two sweeps sharing a cache (a tuning run beside the demo) wait for each other's stage instead of
 # writing one folder together.
 from minidpo.tinybase import locked as _locked
@@ -160,13 +161,6 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
 # ---------------------------------------------------------------------------------------------------
 # Presets: what a sweep trains, on what, and how it answers and is judged.
 
@@ -252,7 +246,7 @@ def plan_rows(config: ExperimentConfig) -> list[dict]:
 def train_settings(preset: Preset, config: ExperimentConfig, row: dict, seed: int):
     """The row's TrainConfig (model, data, out left to fill) and its settings: the sweep's defaults,
     the preset's recipe, the command line's flags, then the row's fraction and seed."""
-    from minidpo.train import TrainConfig
+    from minidpo.config import TrainConfig
 
     given = {**SWEEP_TRAIN, **preset.train, **config.train, "fraction": row["fraction"], "seed": seed}
     probe = TrainConfig(model=preset.base, data=[preset.data[n] for n in row["names"]], out="-", **given)
@@ -319,7 +313,7 @@ def _train_locked(sweep, row, seed, given, settings, key, folder) -> dict:
         if result["status"] != "finished":
             raise SystemExit(f"training of {row['key']} seed {seed} was {result['status']}; run the same "
                              f"command again to resume it")
-        _write_json(done, {"key": key, "train_pairs": result["train_pairs"], "settings": settings,
+        write_json(done, {"key": key, "train_pairs": result["train_pairs"], "settings": settings,
                            "final": str(Path(result["final"]).resolve().relative_to(folder.resolve()))})
     else:
         log(f"{row['key']} seed {seed}: training reused ({key[:12]})")
@@ -657,7 +651,7 @@ def write_results(config: ExperimentConfig, sweep: Sweep, rows: list[dict], base
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, config.experiment, base_score, len(sweep.questions))
     world = sweep.preset.world or {}
-    _write_json(out / "results.json", {
+    write_json(out / "results.json", {
         "experiment": config.experiment, "preset": config.preset, "split": config.split,
         "world_seed": config.world_seed if config.preset == "tiny" else None,
         "world_digest": world.get("digest"), "world_report": str(world["report"]) if world.get("report") else None,
@@ -671,7 +665,7 @@ def write_results(config: ExperimentConfig, sweep: Sweep, rows: list[dict], base
     tmp.write_text(table)
     os.replace(tmp, out / "results.md")
     plot(rows, config.experiment, out / "plot.png", base_score)
-    _write_json(out / "curves.json", curves(rows, out / "curves.png"))  # the data behind the figure
+    write_json(out / "curves.json", curves(rows, out / "curves.png"))  # the data behind the figure
     print(f"\n{config.experiment} experiment ({config.preset}, {config.split}): {out}/results.md\n\n{table}",
           flush=True)
 
@@ -705,7 +699,7 @@ def sweep_plan(config: ExperimentConfig) -> dict:
                         dict(tinybase.RECIPE), dict(tinybase.GENERATION))
     rows = [{"key": r["key"], "pairs": round(r["fraction"] * sum(sets[n][1] for n in r["names"]))}
             for r in plan_rows(config)]
-    from minidpo.train import TrainConfig
+    from minidpo.config import TrainConfig
 
     probe = TrainConfig(model=preset.base, data=["-"], out="-", **{**SWEEP_TRAIN, **preset.train, **config.train})
     recipe = {k: v for k, v in dataclasses.asdict(probe).items() if k not in ROW_FIELDS}
@@ -768,20 +762,14 @@ def _plain(kind):
 
 def _train_fields():
     """TrainConfig fields a sweep takes from the command line, with their types and help."""
-    from minidpo.train import TrainConfig
+    from minidpo.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     own = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    fallback = None
     for f in dataclasses.fields(TrainConfig):
         if f.name in ROW_FIELDS or f.name in own:
             continue
-        text = f.metadata.get("help", "")
-        if not text:  # help still in the source comments (before the train.py split)
-            if fallback is None:
-                import importlib  # `minidpo.train` the module: the package exports a function of that name
-                fallback = getattr(importlib.import_module("minidpo.train"), "field_help", dict)()
-            text = fallback.get(f.name, "")
+        text = f.metadata["help"]
         yield f, _plain(hints[f.name]), text
 
 
@@ -822,7 +810,7 @@ def build_parser(experiment=None, command="demo") -> argparse.ArgumentParser:
 
 def config_from_args(parser, args: dict, experiment: str) -> ExperimentConfig:
     """ExperimentConfig from parsed flags; bad values exit with the parser's usage."""
-    from minidpo.train import TrainConfig
+    from minidpo.config import TrainConfig
 
     train = {k[len("train."):]: v for k, v in args.items() if k.startswith("train.")}
     own = {k: v for k, v in args.items() if not k.startswith("train.") and k != "experiment"}

@@ -38,6 +38,7 @@ import shutil
 from pathlib import Path
 
 from minidpo import tinyworld
+from minidpo.files import write_jsonl
 from minidpo.tinyworld import WorldConfig
 
 VERSION = 1  # bump when a stage's code changes what it writes: every digest changes with it
@@ -282,8 +283,8 @@ def write_pairs(world: Path, base: Path, out: Path, config: WorldConfig, log) ->
     for name, size in tinyworld.split_sizes(config.total_pairs).items():
         extra = max(20, round(HELD_OUT_PAIRS * size))
         rows, facts = sample_set(sampler, name, size + extra, held_out, config, log)
-        tinyworld._write_jsonl(out / f"{name}.jsonl", rows[:size])
-        tinyworld._write_jsonl(out / "held_out" / f"{name}.jsonl", rows[size:])
+        write_jsonl(out / f"{name}.jsonl", rows[:size])
+        write_jsonl(out / "held_out" / f"{name}.jsonl", rows[size:])
         composition[name] = _composition(facts[:size])
     _atomic_json(out / "composition.json", composition)
 
@@ -363,7 +364,8 @@ def reward_accuracy(base: Path, source: str) -> dict:
     from minidpo.checkpoint import load_model
     from minidpo.data import load_pairs, tokenize_pairs
     from minidpo.tokenizer import load_tokenizer
-    from minidpo.train import batch_logps, make_batch
+    from minidpo.batching import make_batch
+    from minidpo.scoring import batch_logps
 
     tok = load_tokenizer(str(base), template="chatml")
     model = load_model(str(base)).eval()

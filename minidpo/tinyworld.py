@@ -44,11 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from minidpo.files import write_json, write_jsonl
+from minidpo.judge import read_judge_prompt
+from minidpo.questions import REFERENCE_CATEGORIES  # as MT-Bench: only these carry `reference`
+
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 FAMILY = {"writing": "copy", "roleplay": "parrot", "reasoning": "compare", "math": "arith",
           "coding": "sort", "extraction": "nth", "stem": "count", "humanities": "fact"}
 FAMILIES = tuple(FAMILY[c] for c in CATEGORIES)
-REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # as MT-Bench: only these carry `reference`
 FIRST_QUESTION_ID = 81  # MT-Bench's ids run 81..160
 DEV_FIRST_ID = 100_001  # dev question ids: far from the benchmark's, so a mix-up shows
 PAPER_SIZES = {"capybara": 7563, "orca": 12859, "ultrafeedback": 63619}  # rows on the hub cards
@@ -737,18 +740,6 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
     return World(config, questions, dev, make_sft(config, held_out), tokenizer, model_config(config, tokenizer))
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _demo_wrong(row) -> list[bool]:
     """Per assistant reply of an SFT conversation: whether the demonstrator got it wrong."""
     users = [m["content"] for m in row["messages"] if m["role"] == "user"]
@@ -772,95 +763,20 @@ def write_world(directory, config: WorldConfig = WorldConfig()) -> dict[str, Pat
     directory = Path(directory)
     world = build_world(config)
     paths = {name: directory / rel for name, rel in FILES.items()}
-    _write_jsonl(paths["sft"], world.sft)
-    _write_jsonl(paths["questions"], world.questions)
-    _write_jsonl(paths["dev"], world.dev)
+    write_jsonl(paths["sft"], world.sft)
+    write_jsonl(paths["questions"], world.questions)
+    write_jsonl(paths["dev"], world.dev)
     paths["model"].mkdir(parents=True, exist_ok=True)
     world.tokenizer.save(str(paths["model"] / "tokenizer.json"))
-    _write_json(paths["model"] / "tokenizer_config.json", tokenizer_config())
-    _write_json(paths["model"] / "config.json", world.model_config)
-    _write_json(paths["world"], world_summary(world))
+    write_json(paths["model"] / "tokenizer_config.json", tokenizer_config())
+    write_json(paths["model"] / "config.json", world.model_config)
+    write_json(paths["world"], world_summary(world))
     return paths
 
 
 # ---------------------------------------------------------------------------------------------
 # The verifier judge
 # ---------------------------------------------------------------------------------------------
-
-_A_ANSWER = ("[The Start of Assistant A's Answer]", "[The End of Assistant A's Answer]")
-_B_ANSWER = ("[The Start of Assistant B's Answer]", "[The End of Assistant B's Answer]")
-_A_CONVERSATION = ("<|The Start of Assistant A's Conversation with User|>",
-                   "<|The End of Assistant A's Conversation with User|>")
-_B_CONVERSATION = ("<|The Start of Assistant B's Conversation with User|>",
-                   "<|The End of Assistant B's Conversation with User|>")
-_QUESTION = "[User Question]"
-_HEADER = re.compile(r"^### (User|Assistant [AB]|Reference answer):[ \t]*$", re.MULTILINE)
-
-
-def _between(text: str, markers: tuple[str, str]) -> str:
-    start, end = markers
-    i = text.find(start)
-    j = text.find(end, i + len(start)) if i >= 0 else -1
-    if i < 0 or j < 0:
-        raise ValueError(f"judge prompt: no {start!r} ... {end!r} block")
-    return text[i + len(start):j]
-
-
-def _conversation(block: str) -> tuple[list[str], str, str]:
-    """User turns, the first and the last assistant reply of one `### User:` / `### Assistant X:` block.
-
-    The first reply runs up to the last `### User:` header, so a reply that itself prints a
-    `### User:` line stays whole (the last header is the real follow-up's).
-    """
-    heads = list(_HEADER.finditer(block))
-    users, assistant, last_user = [], [k for k, h in enumerate(heads) if h.group(1) != "User"], None
-    for k, head in enumerate(heads):
-        if head.group(1) == "User":
-            users.append(block[head.end(): heads[k + 1].start() if k + 1 < len(heads) else len(block)].strip())
-            last_user = head
-    if not users or not assistant:
-        raise ValueError("judge prompt: a conversation block without '### User:' and an assistant reply")
-    first_head, last_head = heads[assistant[0]], heads[assistant[-1]]
-    first_end = last_user.start() if last_user.start() > first_head.end() else len(block)
-    return users, block[first_head.end():first_end].strip(), block[last_head.end():].strip()
-
-
-def parse_judge_conversations(text: str) -> tuple[list[str], list[str], list[str]]:
-    """MT-Bench pairwise judge text -> (user turns up to the judged one, A's replies, B's replies).
-
-    Turn 1 is recognised by `[User Question]` and the `[The Start of Assistant A's Answer]` markers
-    (one reply each), turn 2 by the `<|The Start of Assistant A's Conversation with User|>` form (each
-    assistant's own turn-1 reply, then the judged one); whatever instructions surround them are ignored.
-    """
-    if _A_CONVERSATION[0] in text:
-        users_a, first_a, answer_a = _conversation(_between(text, _A_CONVERSATION))
-        users_b, first_b, answer_b = _conversation(_between(text, _B_CONVERSATION))
-        if users_a[0] != users_b[0] or users_a[-1] != users_b[-1]:
-            raise ValueError("judge prompt: the two conversations show different user turns")
-        # An answer that itself prints '### User:' would add turns; the first and last are the real ones.
-        return [users_a[0], users_a[-1]], [first_a, answer_a], [first_b, answer_b]
-    if _QUESTION not in text:
-        raise ValueError("judge prompt: neither '[User Question]' nor a conversation block found")
-    question = text.split(_QUESTION, 1)[1].split("[The Start of", 1)[0].strip()
-    return [question], [_between(text, _A_ANSWER).strip()], [_between(text, _B_ANSWER).strip()]
-
-
-def parse_judge_prompt(text: str) -> tuple[list[str], str, str]:
-    """MT-Bench pairwise judge text -> (user turns up to the judged one, answer A, answer B): the
-    judged replies of `parse_judge_conversations`."""
-    turns, replies_a, replies_b = parse_judge_conversations(text)
-    return turns, replies_a[-1], replies_b[-1]
-
-
-def _prompt_text(messages) -> str:
-    """The message holding the markers (the last one that has any), so instructions cannot confuse us."""
-    if isinstance(messages, str):
-        return messages
-    for message in reversed(list(messages)):
-        if _QUESTION in message["content"] or _A_CONVERSATION[0] in message["content"]:
-            return message["content"]
-    return "\n".join(m["content"] for m in messages)
-
 
 def _is_right(turns, replies) -> bool:
     """Whether the last of `replies` answers the last of `turns`, given the model's own earlier replies."""
@@ -883,7 +799,7 @@ def verifier_judge(world=None) -> Callable:
         known = {tuple(q["turns"][:n]) for q in questions for n in (1, 2)}
 
     def judge(messages) -> str:
-        turns, replies_a, replies_b = parse_judge_conversations(_prompt_text(messages))
+        turns, replies_a, replies_b = read_judge_prompt(messages)
         if known is not None and tuple(turns) not in known:
             raise ValueError(f"verifier judge: question {turns[0]!r:.80} is not in this world's questions")
         a_ok, b_ok = _is_right(turns, replies_a), _is_right(turns, replies_b)
