@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -41,7 +42,7 @@ from minidpo import tinyworld
 from minidpo.files import write_jsonl
 from minidpo.tinyworld import WorldConfig
 
-VERSION = 1  # bump when a stage's code changes what it writes: every digest changes with it
+VERSION = 2  # bump when a stage's code changes what it writes: every digest changes with it
 SETS = ("capybara", "orca", "ultrafeedback")
 GENERATION = {"max_new_tokens": 16, "temperature": 0.0}
 # Chosen on the dev questions of the default world (one seed, 100% pooled; README "The tiny
@@ -233,8 +234,9 @@ def _row(name: str, task, system, context, pair: dict, rng: random.Random, confi
                 chosen, rejected, kind = alt, rejected, "near-tie"
                 ratings = (3.0, 2.75)
     if name == "capybara":
+        # Capybara rates 1-5 in whole steps: chosen 4 or 5, rejected 1 to 3 (never a tie).
         row = tinyworld.capybara_row(list(task.turns), context, chosen, rejected,
-                                     (round(ratings[0]), round(ratings[1])), task.family)
+                                     (math.floor(ratings[0]), min(3, math.floor(ratings[1]))), task.family)
     elif name == "orca":
         row = tinyworld.orca_row(system, task.turns[0], chosen, rejected)
     else:

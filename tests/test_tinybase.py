@@ -87,6 +87,7 @@ def test_a_and_b_pairs_contrast_a_right_reply_with_the_bases_wrong_one(built):
     assert {row["system"] for row in read_jsonl(paths["orca"])} <= set(tinyworld.SYSTEM_PROMPTS)
     capybara = read_jsonl(paths["capybara"])
     assert all(r["chosen"][:-1] == r["rejected"][:-1] for r in capybara)
+    assert all(r["rating_chosen"] in (4, 5) and r["rating_rejected"] in (1, 2, 3) for r in capybara)
     # The context is what the base said, right or wrong: at this size it is often wrong.
     assert any(not check_answer(conversation("capybara", r)[0], 1, conversation("capybara", r)[1][0])
                for r in capybara)
