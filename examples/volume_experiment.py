@@ -1,11 +1,15 @@
 """The paper's data-volume experiment: DPO on nested 20/40/60/80/100% subsets of three pooled
-preference sets, each judged pairwise against the base model.
+preference sets, each judged pairwise against the base model (and, on the tiny preset, scored alone).
 
-    python examples/volume_experiment.py                      # tiny offline world, minutes on a CPU
-    python examples/volume_experiment.py --preset paper --judge-model gpt-4  # OpenHermes-2.5 + MT-Bench
-    python examples/volume_experiment.py --preset paper --dry-run            # the plan, nothing downloaded
+    python examples/volume_experiment.py                          # tiny offline world, minutes on a CPU
+    python examples/volume_experiment.py --seeds 3 --world-seed 1 # seed spread, on another world
+    python examples/volume_experiment.py --split dev --beta 0.2   # tune on the dev questions
+    python examples/volume_experiment.py --preset paper --dry-run # the paper's plan, nothing downloaded
+    python examples/volume_experiment.py --preset paper --judge-model gpt-4   # OpenHermes-2.5 + MT-Bench
 
-Writes runs/volume/results.json, results.md and plot.png (see minidpo/experiment.py).
+Every `train` flag (--beta, --lr, --lora-r, --epochs, ...) applies over the preset's recipe; `--help`
+lists them all. Writes runs/volume/results.json, results.md, plot.png and curves.png; stage outputs
+are kept under runs/cache, keyed by their inputs (see minidpo/experiment.py).
 """
 import sys
 

@@ -9,7 +9,7 @@ COMMANDS = {
     "sft": ("minidpo.train", "supervised fine-tuning on the chosen replies (or ::sft demonstrations)"),
     "generate": ("minidpo.generate", "answer MT-Bench-format questions; writes FastChat answers JSONL"),
     "judge": ("minidpo.judge", "judge two models' answers pairwise, MT-Bench's protocol"),
-    "demo": ("minidpo.experiment", "the offline tiny-world volume and type experiments (make demo)"),
+    "demo": ("minidpo.experiment", "the offline tiny-world volume and type experiments (make demo; --help: its flags)"),
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 def write_atomic(path, data) -> Path:
     """Write `data` (str: UTF-8 text, bytes: as is) to `path` through `path.tmp` and `os.replace`."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if isinstance(data, bytes):
         tmp.write_bytes(data)
@@ -22,6 +23,11 @@ def write_atomic(path, data) -> Path:
 def write_json(path, obj, *, indent=2, sort_keys=False) -> Path:
     """`obj` as JSON (non-ASCII kept as is) plus a newline, atomically."""
     return write_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path, rows) -> Path:
+    """One JSON object a line (non-ASCII kept as is), atomically."""
+    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_json(path):

@@ -5,7 +5,7 @@ A judge is a plain callable `judge(messages) -> str`: it receives a chat, a list
 answers between MT-Bench's markers), and returns the judge's reply text, which must end with a verdict
 `[[A]]`, `[[B]]` or `[[C]]` (tie). A judge that also takes `temperature=` can be re-asked with a
 sampled request. `openai_judge` and `local_judge` build such callables; any Python function will do
-(a verifier can read the two answers back with `answers_in_prompt`).
+(a verifier can read the turns and answers back with `read_judge_prompt`).
 
 Protocol. Each question turn is judged twice, model A's answer shown first ("AB") and model B's
 first ("BA"). A side wins the question turn only when both orders pick it; a tie in either order
@@ -105,19 +105,38 @@ def build_messages(question, turn, first, second, prompts=None):
     return load_prompts(prompts).messages(turn, question.turns, first, second, _reference_for(question, turn))
 
 
-def answers_in_prompt(messages):
-    """The two answers being compared in a judge chat built by `build_messages`: `(shown as A, shown
-    as B)`; for turn 2, the assistants' second answers. For verifier judges and tests."""
-    text = messages[-1]["content"]
-    if "<|The Start of Assistant A's Conversation with User|>" not in text:
-        pattern = r"\[The Start of Assistant {0}'s Answer\]\n(.*?)\n\[The End of Assistant {0}'s Answer\]"
-    else:
-        pattern = (r"<\|The Start of Assistant {0}'s Conversation with User\|>\n\n(?:.*)### Assistant {0}:\n"
-                   r"(.*?)\n\n<\|The End of Assistant {0}'s Conversation with User\|>")
-    found = [re.search(pattern.format(name), text, re.DOTALL) for name in "AB"]
-    if not all(found):
+_TURN_1 = r"\[The Start of Assistant {0}'s Answer\]\n(.*?)\n\[The End of Assistant {0}'s Answer\]"
+_TURN_1_QUESTION = r"\[User Question\]\n(.*?)\n\n\[The Start of "
+# Turn 2: the judged reply is the last before the end marker; the first reply runs greedily to the last
+# follow-up header, so a reply that itself prints '### User:' stays whole.
+_TURN_2 = (r"<\|The Start of Assistant {0}'s Conversation with User\|>\n\n### User:\n(.*?)\n\n### Assistant {0}:\n"
+           r"(.*)\n\n### User:\n(.*?)\n\n### Assistant {0}:\n(.*?)\n\n<\|The End of Assistant {0}'s "
+           r"Conversation with User\|>")
+
+
+def read_judge_prompt(messages):
+    """A pairwise judge chat (MT-Bench's markers, as `build_messages` and FastChat's prompt files write
+    them) -> `(user turns up to the judged one, A's replies, B's replies)`: for turn 2 each assistant's
+    own first reply, then the judged one. `messages` is the chat or the text of its last message. For
+    verifier judges and tests."""
+    text = messages if isinstance(messages, str) else messages[-1]["content"]
+    if "<|The Start of Assistant A's Conversation with User|>" in text:
+        found = [re.search(_TURN_2.format(name), text, re.DOTALL) for name in "AB"]
+        if not all(found):
+            raise ValueError("not a pairwise judge prompt: conversation markers not found")
+        (q1, a1, q2, a2), (_, b1, _, b2) = (m.groups() for m in found)
+        return [q1, q2], [a1, a2], [b1, b2]
+    found = [re.search(_TURN_1.format(name), text, re.DOTALL) for name in "AB"]
+    question = re.search(_TURN_1_QUESTION, text, re.DOTALL)
+    if not all(found) or question is None:
         raise ValueError("not a pairwise judge prompt: answer markers not found")
-    return found[0].group(1), found[1].group(1)
+    return [question.group(1)], [found[0].group(1)], [found[1].group(1)]
+
+
+def answers_in_prompt(messages):
+    """The two judged answers of a pairwise judge chat: `(shown as A, shown as B)`."""
+    _, replies_a, replies_b = read_judge_prompt(messages)
+    return replies_a[-1], replies_b[-1]
 
 
 def parse_verdict(text):

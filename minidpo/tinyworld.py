@@ -9,25 +9,27 @@ exactly. Eight task families, one per MT-Bench category:
     stem       count the words of a list     humanities  look-ups in the invented FACTS table
 
 Each family has turn-1 templates and follow-ups that refer back to turn 1 ("Now add 3 to that
-number.", "What was the second word?"). `solve(turns)` computes the correct replies from the text
-alone (by parsing the templates), which is what the verifier judge and the tests rely on.
+number.", "What was the second word?"). `solve(turns, replies)` computes the correct replies from
+the text alone (by parsing the templates); a follow-up that refers to the previous reply is solved
+against the model's own reply (`replies`), so turn 2 is graded for consistency with turn 1. The
+verifier judge, `score_answers` and the tests rely on it.
 
 `write_world(directory, config)` writes::
 
     model/config.json            a tiny Mistral (Hugging Face keys), vocab_size = the tokenizer's
     model/tokenizer.json         byte-level BPE trained here, ChatML specials
     model/tokenizer_config.json  ChatML chat_template; bos <s>, eos <|im_end|>, pad </s>
-    data/capybara.jsonl          A: multi-turn pairs, shape of argilla/distilabel-capybara-dpo-7k-binarized
-    data/orca.jsonl              B: single-turn pairs with a system prompt, shape of Intel/orca_dpo_pairs
-    data/ultrafeedback.jsonl     C: single-turn pairs, shape of argilla/ultrafeedback-binarized-preferences
-    data/sft.jsonl               {"messages": [...]} demonstrations, a share of them wrong
-    benchmark/question.jsonl     80 held-out questions in MT-Bench's shape (ids 81..160), 2 turns each
+    data/sft.jsonl               {"messages": [...]}: the sloppy demonstrator's conversations
+    benchmark/question.jsonl     held-out questions in MT-Bench's shape (ids from 81), 2 turns each
+    dev/question.jsonl           dev questions, another random stream, no first turn of the benchmark
     world.json                   the config and the counts measured while building
 
-Chosen replies are correct and rejected ones plausibly wrong (off by one, two words swapped, the
-fact of a neighbouring country, ...). Wrong SFT demonstrations are concentrated on each family's
-"weak" inputs (subtraction, close numbers, three-word lists, half of the countries, ...): uniform
-noise would leave the most likely reply correct everywhere, whereas an SFT model's mistakes are
+The preference sets (data/capybara.jsonl, orca.jsonl, ultrafeedback.jsonl, in the hub sets' shapes
+built by `capybara_row`, `orca_row`, `ultrafeedback_row`) are sampled from the base model by
+`minidpo.tinybase`. The demonstrator errs on each family's "weak" turns (subtraction, close numbers,
+three-word lists, half of the countries, one follow-up form per family, ...) with its one systematic
+wrong reply (off by one, two words swapped, the fact of a neighbouring country, ...): uniform noise
+would leave the most likely reply correct everywhere, whereas an SFT model's mistakes are
 systematic, and it is those that preference data can repair.
 """
 from __future__ import annotations
@@ -42,13 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from minidpo.files import write_json, write_jsonl
+from minidpo.judge import read_judge_prompt
+from minidpo.questions import REFERENCE_CATEGORIES  # as MT-Bench: only these carry `reference`
+
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 FAMILY = {"writing": "copy", "roleplay": "parrot", "reasoning": "compare", "math": "arith",
           "coding": "sort", "extraction": "nth", "stem": "count", "humanities": "fact"}
 FAMILIES = tuple(FAMILY[c] for c in CATEGORIES)
-REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # as MT-Bench: only these carry `reference`
 FIRST_QUESTION_ID = 81  # MT-Bench's ids run 81..160
-QUESTIONS_PER_CATEGORY = 10
+DEV_FIRST_ID = 100_001  # dev question ids: far from the benchmark's, so a mix-up shows
 PAPER_SIZES = {"capybara": 7563, "orca": 12859, "ultrafeedback": 63619}  # rows on the hub cards
 
 # Kept small so that a ~1M-parameter model learns the world in minutes on 2 CPU cores: 16 nouns
@@ -83,7 +88,8 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|im_end|>", "<|im_start|>")
 FILES = {"capybara": "data/capybara.jsonl", "orca": "data/orca.jsonl",
          "ultrafeedback": "data/ultrafeedback.jsonl", "sft": "data/sft.jsonl",
-         "questions": "benchmark/question.jsonl", "model": "model", "world": "world.json"}
+         "questions": "benchmark/question.jsonl", "dev": "dev/question.jsonl", "model": "model",
+         "world": "world.json"}
 
 
 @dataclass(frozen=True)
@@ -91,18 +97,25 @@ class WorldConfig:
     """Sizes and seed of a tiny world; the model fields become `model/config.json`."""
 
     seed: int = 0  # every random choice derives from it
+    benchmark_questions: int = 80  # held-out benchmark, MT-Bench's shape: 8 categories, 2 turns, ids from 81
+    dev_questions: int = 400  # dev questions (another random stream) for measuring the base and tuning
     total_pairs: int = 1500  # A + B + C preference pairs, split 7,563 : 12,859 : 63,619
-    sft_size: int = 4000  # SFT demonstrations for the base model's warm start
-    sft_error_rate: float = 0.35  # exact share of SFT demonstrations with a wrong last reply
-    sft_error_focus: float = 0.8  # share of those wrong demonstrations taken from weak inputs
+    sft_size: int = 8000  # SFT demonstrations of the sloppy demonstrator, the base's warm start
+    weak_error: float = 0.7  # the demonstrator's chance of its systematic wrong reply on a weak input
+    strong_error: float = 0.05  # ... and on any other input
     sft_two_turn_share: float = 0.4  # share of SFT conversations with a follow-up turn
     sft_system_share: float = 0.3  # share of SFT conversations opening with a system prompt
+    sft_epochs: int = 5  # passes of the base's warm start over the demonstrations
+    sft_lr: float = 1e-3  # peak learning rate of the warm start (3e-3 learnt half as fast per step)
+    samples: int = 4  # base samples (temperature 1) drawn per preference prompt
+    label_noise: float = 0.15  # C only: share of pairs whose labels are swapped (a binarised rating's mistakes)
+    near_ties: float = 0.2  # C only: share of pairs of two replies equally right or wrong, ratings a hair apart
     vocab_size: int = 1024  # upper bound for BPE; the trained size is what config.json gets
-    # ~0.2M parameters: cheap enough for ~1,000 SFT steps of 32 conversations on 2 CPU cores,
-    # which is about what it takes to learn the world (wider/deeper models were slower per step).
-    hidden_size: int = 64  # width of the residual stream
-    intermediate_size: int = 192  # width of the SwiGLU MLP
-    num_hidden_layers: int = 2  # decoder layers
+    # ~1M parameters: the 0.2M model (64 wide, 2 layers) could not learn to copy words from the
+    # prompt in minutes; this one takes ~0.13 s per SFT step of 32 conversations on 2 idle cores.
+    hidden_size: int = 128  # width of the residual stream
+    intermediate_size: int = 384  # width of the SwiGLU MLP
+    num_hidden_layers: int = 4  # decoder layers
     num_attention_heads: int = 4  # query heads (head_dim = hidden_size / heads)
     num_key_value_heads: int = 2  # grouped-query attention, as Mistral
     max_position_embeddings: int = 256  # world conversations stay under 128 tokens
@@ -110,17 +123,25 @@ class WorldConfig:
     rope_theta: float = 10000.0  # RoPE base
 
     def __post_init__(self):
-        positive = ("total_pairs", "sft_size", "vocab_size", "hidden_size", "intermediate_size",
+        positive = ("benchmark_questions", "dev_questions", "total_pairs", "sft_size", "sft_epochs", "samples",
+                    "vocab_size", "hidden_size", "intermediate_size",
                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"WorldConfig.{name} must be a positive int, got {value!r}")
-        for name in ("sft_error_rate", "sft_error_focus", "sft_two_turn_share", "sft_system_share"):
+        for name in ("weak_error", "strong_error", "sft_two_turn_share", "sft_system_share", "label_noise",
+                     "near_ties", "sft_lr"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must lie in [0, 1], got {getattr(self, name)!r}")
         split_sizes(self.total_pairs)  # raises when a set would be empty (below 7 pairs)
+        for name in ("benchmark_questions", "dev_questions"):
+            if getattr(self, name) % len(CATEGORIES):
+                raise ValueError(f"WorldConfig.{name}={getattr(self, name)} must be a multiple of "
+                                 f"{len(CATEGORIES)} (MT-Bench's categories, equal shares)")
+        if self.label_noise + self.near_ties > 1:
+            raise ValueError(f"WorldConfig: label_noise + near_ties = {self.label_noise + self.near_ties} > 1")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"WorldConfig.vocab_size={self.vocab_size} is below the byte alphabet + specials")
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
@@ -139,9 +160,10 @@ class WorldConfig:
 class Template:
     """A question form. `answer`/`wrong` map parsed fields to the correct / a plausible wrong reply.
 
-    Fields of a follow-up also hold the turn-1 fields, `prev` (the correct previous reply) and
-    `tag` (the turn-1 template's tag). `weak` (turn-1 templates only) marks inputs on which the
-    SFT demonstrations err most.
+    Fields of a follow-up also hold the turn-1 fields, `prev` (the previous reply: the model's own
+    where `reads_prev` accepts it, else the correct one) and `tag` (the turn-1 template's tag).
+    `weak` marks the inputs (turn 1) and follow-up forms (turn 2) on which the sloppy
+    demonstrator of the SFT data errs most.
     """
     family: str
     text: str
@@ -150,6 +172,7 @@ class Template:
     valid: Callable[[dict], bool] = lambda f: True
     weak: Callable[[dict], bool] = lambda f: False
     tag: str = ""
+    reads_prev: Callable[[dict], bool] = lambda f: False  # follow-ups: `prev` can be read as this needs
 
 
 def _swap(words, i, j):
@@ -181,20 +204,27 @@ def _weak_country(f):
 
 
 def _fact_templates():
+    # Four forms per attribute: 96 first turns, enough for a dev set and a benchmark held out apart.
     first = [("capital", "What is the capital of {country}?"),
              ("capital", "Name the capital city of {country}."),
+             ("capital", "Which city is the capital of {country}?"),
+             ("capital", "Tell me the capital of {country}."),
              ("colour", "What colour is the flag of {country}?"),
              ("colour", "Name the colour of the flag of {country}."),
+             ("colour", "Which colour does the flag of {country} have?"),
+             ("colour", "Tell me the flag colour of {country}."),
              ("animal", "What is the national animal of {country}?"),
-             ("animal", "Which animal is the symbol of {country}?")]
+             ("animal", "Which animal is the symbol of {country}?"),
+             ("animal", "Name the national animal of {country}."),
+             ("animal", "Tell me the national animal of {country}.")]
     follow = [("capital", "And what is its capital?"), ("colour", "And what colour is its flag?"),
               ("animal", "And what is its national animal?")]
     out = [Template("fact", text, lambda f, a=attr: _fact(f["country"], a),
                     lambda f, a=attr: _confused(f["country"], a), weak=_weak_country, tag=attr)
            for attr, text in first]
     follow_ups = [Template("fact", text, lambda f, a=attr: _fact(f["country"], a),
-                           lambda f, a=attr: _confused(f["country"], a),
-                           valid=lambda f, a=attr: f["tag"] != a, tag=attr) for attr, text in follow]
+                           lambda f, a=attr: _confused(f["country"], a), valid=lambda f, a=attr: f["tag"] != a,
+                           weak=_weak_country, tag=attr) for attr, text in follow]
     return out, follow_ups
 
 
@@ -240,27 +270,65 @@ FIRST_TURN = (
              weak=lambda f: len(f["ws"]) >= 4),
 ) + tuple(_fact_templates()[0])
 
+def _int(text) -> int | None:
+    """`text` as an integer reply, or None when it is not one."""
+    text = normalize(str(text))
+    return int(text) if re.fullmatch(r"-?\d+", text) else None
+
+
+def _words(text) -> list[str]:
+    return normalize(str(text)).split()
+
+
+def _other(f):
+    """The number of the pair the previous reply did not name as the larger (min when it named neither)."""
+    said = _int(f["prev"])
+    return f["b"] if said == f["a"] else f["a"] if said == f["b"] else min(f["a"], f["b"])
+
+
+def _times(f):
+    """How many times the previous reply said the parrot's word."""
+    return len(_words(f["prev"]))
+
+
+def _after(f):
+    """The word after the one the previous reply named."""
+    return f["ws"][f["ws"].index(_words(f["prev"])[0]) + 1]
+
+
+# A follow-up that refers to the previous reply ("that number", "than before", "after it") is graded
+# against the reply the model itself gave (`reads_prev` says when that reply can be read so); one that
+# restates the task ("in reverse order") is graded against the task. See `solve`.
 FOLLOW_UPS = (
     Template("arith", "Now add {c} to that number.", lambda f: int(f["prev"]) + f["c"],
-             lambda f: int(f["prev"]) + f["c"] + 1),
+             lambda f: int(f["prev"]) + f["c"] + 1, reads_prev=lambda f: _int(f["prev"]) is not None),
     Template("arith", "Now take away {c} from that number.", lambda f: int(f["prev"]) - f["c"],
-             lambda f: int(f["prev"]) - f["c"] + 1, valid=lambda f: f["c"] <= int(f["prev"])),
-    Template("compare", "And which is smaller?", lambda f: min(f["a"], f["b"]), lambda f: max(f["a"], f["b"])),
+             lambda f: int(f["prev"]) - f["c"] + 1, valid=lambda f: f["c"] <= int(f["prev"]),
+             weak=lambda f: True, reads_prev=lambda f: _int(f["prev"]) is not None),
+    Template("compare", "And which is smaller?", _other, lambda f: _int(f["prev"]),
+             weak=lambda f: True, reads_prev=lambda f: _int(f["prev"]) in (f["a"], f["b"])),
     Template("compare", "What do you get if you add them?", lambda f: f["a"] + f["b"],
              lambda f: f["a"] + f["b"] + 1),
-    Template("copy", "Now say them in reverse order.", lambda f: f["ws"][::-1], lambda f: f["ws"]),
+    Template("copy", "Now say them in reverse order.", lambda f: f["ws"][::-1], lambda f: f["ws"],
+             weak=lambda f: True),
     Template("copy", "What was the second word?", lambda f: f["ws"][1], lambda f: f["ws"][0]),
-    Template("parrot", "Now say it one more time than before.", lambda f: [f["w"]] * (f["k"] + 1),
-             lambda f: [f["w"]] * f["k"]),
+    Template("parrot", "Now say it one more time than before.", lambda f: [f["w"]] * (_times(f) + 1),
+             lambda f: [f["w"]] * _times(f), weak=lambda f: True,
+             reads_prev=lambda f: bool(_words(f["prev"])) and set(_words(f["prev"])) == {f["w"]}),
     Template("parrot", "Now say it just once.", lambda f: f["w"], lambda f: [f["w"]] * 2),
     Template("sort", "Now sort them in reverse order.", lambda f: _sorted(f)[::-1], _sorted),
-    Template("sort", "Which word came first after sorting?", lambda f: _sorted(f)[0], lambda f: _sorted(f)[1]),
+    Template("sort", "Which word came first after sorting?", lambda f: _words(f["prev"])[0],
+             lambda f: _words(f["prev"])[1], weak=lambda f: True,
+             reads_prev=lambda f: sorted(_words(f["prev"])) == _sorted(f)),
     Template("nth", "And what is the last word?", lambda f: f["ws"][-1], lambda f: f["ws"][-2]),
-    Template("nth", "And the word after it?", lambda f: f["ws"][f["ord"] + 1], lambda f: f["ws"][f["ord"]],
-             valid=lambda f: f["ord"] + 1 < len(f["ws"])),
-    Template("count", "How many would there be with two more?", lambda f: len(f["ws"]) + 2,
-             lambda f: len(f["ws"]) + 3),
-    Template("count", "And with one fewer?", lambda f: len(f["ws"]) - 1, lambda f: len(f["ws"])),
+    Template("nth", "And the word after it?", _after, lambda f: _words(f["prev"])[0],
+             valid=lambda f: f["ord"] + 1 < len(f["ws"]), weak=lambda f: True,
+             reads_prev=lambda f: len(_words(f["prev"])) == 1 and _words(f["prev"])[0] in f["ws"][:-1]),
+    Template("count", "How many would there be with two more?", lambda f: int(f["prev"]) + 2,
+             lambda f: int(f["prev"]) + 3, weak=lambda f: True,
+             reads_prev=lambda f: _int(f["prev"]) is not None),
+    Template("count", "And with one fewer?", lambda f: int(f["prev"]) - 1, lambda f: int(f["prev"]),
+             reads_prev=lambda f: _int(f["prev"]) is not None),
 ) + tuple(_fact_templates()[1])
 
 # How a field is written in text, parsed back, and drawn at random (list lengths per family).
@@ -326,43 +394,56 @@ def _match(text: str, templates) -> tuple[Template, dict]:
     return found[0][0], _parse_fields(found[0][1])
 
 
-def _parse_conversation(turns) -> list[tuple[Template, dict]]:
-    """Each user turn's template and fields (a follow-up's fields include turn 1's and `prev`)."""
-    turns = list(turns)
+def _parse_conversation(turns, replies=None) -> list[tuple[Template, dict]]:
+    """Each user turn's template and fields (a follow-up's fields include turn 1's and `prev`).
+
+    `replies`: the model's own replies to the earlier turns (None: the correct ones). A follow-up's
+    `prev` is the model's reply where the follow-up can read it, else the correct reply, so a model
+    whose turn 1 was wrong is graded on whether turn 2 follows from what it said.
+    """
+    turns, replies = list(turns), list(replies or [])
     if not turns:
         raise ValueError("solve: no turns")
     first, fields = _match(turns[0], FIRST_TURN)
     if not first.valid(fields):
         raise ValueError(f"not a valid tiny-world question: {turns[0]!r}")
-    parsed, prev = [(first, fields)], say(first.answer(fields))
-    for text in turns[1:]:
+    parsed, right = [(first, fields)], say(first.answer(fields))
+    for k, text in enumerate(turns[1:]):
         follow, extra = _match(text, [t for t in FOLLOW_UPS if t.family == first.family])
-        merged = {**fields, **extra, "prev": prev, "tag": first.tag}
-        if not follow.valid(merged):
+        merged = {**fields, **extra, "prev": right, "tag": first.tag}
+        if not follow.valid(merged):  # the question's validity never depends on the model
             raise ValueError(f"follow-up {text!r} does not apply to {turns[0]!r}")
+        if k < len(replies) and follow.reads_prev(own := {**merged, "prev": normalize(replies[k])}):
+            merged = own
         parsed.append((follow, merged))
-        prev = say(follow.answer(merged))
+        right = say(follow.answer(merged))
     return parsed
 
 
-def solve(turns) -> list[str]:
+def solve(turns, replies=None) -> list[str]:
     """The correct reply to each user turn of a tiny-world conversation, computed from the text.
 
-    `turns`: the user messages in order (turn 1 a task, later turns follow-ups to it; a follow-up
-    refers to the correct previous reply). Raises ValueError for text that is not of the world.
+    `turns`: the user messages in order (turn 1 a task, later turns follow-ups to it). A follow-up
+    that refers to the previous reply ("add 3 to that number") is solved against `replies[k]`, the
+    model's own reply to turn k+1, where given and readable, else against the correct reply.
+    Raises ValueError for text that is not of the world.
     """
-    return [say(t.answer(f)) for t, f in _parse_conversation(turns)]
+    return [say(t.answer(f)) for t, f in _parse_conversation(turns, replies)]
 
 
-def plausible_wrong(turns) -> list[str]:
-    """The plausible wrong reply to each user turn (what rejected replies and wrong demos say)."""
-    return [say(t.wrong(f)) for t, f in _parse_conversation(turns)]
+def plausible_wrong(turns, replies=None) -> list[str]:
+    """The sloppy demonstrator's wrong reply to each user turn (given `replies` as in `solve`)."""
+    return [say(t.wrong(f)) for t, f in _parse_conversation(turns, replies)]
+
+
+def weak_turns(turns, replies=None) -> list[bool]:
+    """Per user turn: whether it lies where the sloppy demonstrator errs most (see `Template.weak`)."""
+    return [bool(t.weak(f)) for t, f in _parse_conversation(turns, replies)]
 
 
 def is_weak(turns) -> bool:
     """Whether the conversation's first turn lies where the SFT demonstrations err most."""
-    template, fields = _parse_conversation(turns[:1])[0]
-    return template.weak(fields)
+    return weak_turns(list(turns)[:1])[0]
 
 
 def normalize(answer: str) -> str:
@@ -372,16 +453,17 @@ def normalize(answer: str) -> str:
     return " ".join(text.split())
 
 
-def check_answer(question, turn: int, answer: str) -> bool:
+def check_answer(question, turn: int, answer: str, previous=None) -> bool:
     """Whether `answer` is the correct reply to turn `turn` (1-based, as MT-Bench counts) of `question`.
 
     `question`: an MT-Bench-shaped record (a dict with `turns`, or an object with `.turns`) or the
-    list of user turns itself.
+    list of user turns itself. `previous`: the model's own replies to the earlier turns, against
+    which a follow-up is graded (see `solve`); None grades against the correct earlier replies.
     """
     turns = question.get("turns") if isinstance(question, dict) else getattr(question, "turns", question)
     if not 1 <= turn <= len(turns):
         raise ValueError(f"turn {turn} out of range for a question with {len(turns)} turns")
-    return normalize(answer) == normalize(solve(list(turns)[:turn])[turn - 1])
+    return normalize(answer) == normalize(solve(list(turns)[:turn], previous)[turn - 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,36 +529,51 @@ def _rng(config: WorldConfig, stream: str) -> random.Random:
     return random.Random(f"tinyworld:{config.seed}:{stream}")
 
 
-def _tasks(n: int, n_turns: int, rng: random.Random, held_out: set[str]) -> list[Task]:
-    """`n` tasks, families in equal shares (in shuffled order), none opening with a held-out text."""
-    families = [FAMILIES[i % len(FAMILIES)] for i in range(n)]
-    rng.shuffle(families)
-    tasks = []
-    for family in families:
+def _fresh_task(family: str, n_turns: int, rng: random.Random, held_out: set[str]) -> Task:
+    """A task whose first turn is not held out; ValueError when the family has none left."""
+    for _ in range(10_000):
         task = make_task(family, rng, n_turns)
-        while task.turns[0] in held_out:
-            task = make_task(family, rng, n_turns)
-        tasks.append(task)
-    return tasks
+        if task.turns[0] not in held_out:
+            return task
+    raise ValueError(f"tiny world: no {family!r} first turn left outside the {len(held_out)} held-out "
+                     f"ones; ask for fewer benchmark or dev questions")
 
 
-def make_benchmark(config: WorldConfig) -> list[dict]:
-    """80 two-turn questions in MT-Bench's shape, 10 per category, distinct first turns."""
-    rng, questions, seen = _rng(config, "benchmark"), [], set()
+def task_stream(config: WorldConfig, stream: str, n_turns: int, held_out: set[str]):
+    """Endless tasks of stream `stream`, the families in equal shares (shuffled in blocks of eight)."""
+    rng = _rng(config, stream)
+    while True:
+        families = list(FAMILIES)
+        rng.shuffle(families)
+        for family in families:
+            yield _fresh_task(family, n_turns, rng, held_out)
+
+
+def make_questions(config: WorldConfig, stream: str, count: int, first_id: int,
+                   exclude: set[str] = frozenset()) -> list[dict]:
+    """`count` two-turn questions in MT-Bench's shape, equal shares of the 8 categories, distinct
+    first turns none of which is in `exclude`; ids run from `first_id`."""
+    rng, questions, seen = _rng(config, stream), [], set(exclude)
     for category in CATEGORIES:
-        count = 0
-        while count < QUESTIONS_PER_CATEGORY:
-            task = make_task(FAMILY[category], rng, 2)
-            if task.turns[0] in seen:
-                continue
+        for _ in range(count // len(CATEGORIES)):
+            task = _fresh_task(FAMILY[category], 2, rng, seen)
             seen.add(task.turns[0])
-            record = {"question_id": FIRST_QUESTION_ID + len(questions), "category": category,
-                      "turns": list(task.turns)}
+            record = {"question_id": first_id + len(questions), "category": category, "turns": list(task.turns)}
             if category in REFERENCE_CATEGORIES:
                 record["reference"] = list(task.answers)
             questions.append(record)
-            count += 1
     return questions
+
+
+def make_benchmark(config: WorldConfig) -> list[dict]:
+    """The held-out benchmark: `benchmark_questions` questions, ids from 81 as MT-Bench's."""
+    return make_questions(config, "benchmark", config.benchmark_questions, FIRST_QUESTION_ID)
+
+
+def make_dev(config: WorldConfig, benchmark: list[dict]) -> list[dict]:
+    """The dev questions: another random stream, no first turn shared with the benchmark."""
+    return make_questions(config, "dev", config.dev_questions, DEV_FIRST_ID,
+                          {q["turns"][0] for q in benchmark})
 
 
 def split_sizes(total: int) -> dict[str, int]:
@@ -499,73 +596,60 @@ def _messages(turns, replies, system: str | None = None) -> list[dict]:
     return messages
 
 
-def capybara_row(task: Task, rng: random.Random) -> dict:
-    """Dataset A's shape: `chosen`/`rejected` whole conversations differing in the last reply."""
-    shared = _messages(task.turns, task.answers)[:-1]
-    chosen_rating, rejected_rating = rng.randint(4, 5), rng.randint(1, 3)
+def capybara_row(turns, context, chosen: str, rejected: str, ratings, family: str) -> dict:
+    """Dataset A's shape: whole conversations (`context`: the replies to the earlier turns) that
+    differ in the last reply."""
+    shared = _messages(turns, list(context) + [chosen])[:-1]
     return {
-        "source": f"tinyworld/{task.family}",
-        "conversation": [{"input": u, "output": a} for u, a in zip(task.turns, task.answers)],
-        "original_response": task.answers[-1],
-        "generation_prompt": [f"Rate each reply to the last question: {task.turns[-1]}"],
-        "raw_generation_responses": [f"Rating: {chosen_rating}", f"Rating: {rejected_rating}"],
-        "new_generations": [task.answers[-1], task.wrong[-1]],
-        "prompt": task.turns[-1],
-        "chosen": shared + [{"content": task.answers[-1], "role": "assistant"}],
-        "rejected": shared + [{"content": task.wrong[-1], "role": "assistant"}],
-        "rating_chosen": chosen_rating, "rating_rejected": rejected_rating,
-        "chosen_model": "tinyworld-oracle", "rejected_model": "tinyworld-sloppy",
+        "source": f"tinyworld/{family}",
+        "conversation": [{"input": u, "output": a} for u, a in zip(turns, list(context) + [chosen])],
+        "original_response": chosen,
+        "generation_prompt": [f"Rate each reply to the last question: {turns[-1]}"],
+        "raw_generation_responses": [f"Rating: {ratings[0]}", f"Rating: {ratings[1]}"],
+        "new_generations": [chosen, rejected],
+        "prompt": turns[-1],
+        "chosen": shared + [{"content": chosen, "role": "assistant"}],
+        "rejected": shared + [{"content": rejected, "role": "assistant"}],
+        "rating_chosen": ratings[0], "rating_rejected": ratings[1],
+        "chosen_model": "tinyworld-base", "rejected_model": "tinyworld-base",
     }
 
 
-def orca_row(task: Task, rng: random.Random) -> dict:
+def orca_row(system: str, question: str, chosen: str, rejected: str) -> dict:
     """Dataset B's shape: a system prompt, one question, two reply strings."""
-    return {"system": rng.choice(SYSTEM_PROMPTS), "question": task.turns[0],
-            "chosen": task.answers[0], "rejected": task.wrong[0]}
+    return {"system": system, "question": question, "chosen": chosen, "rejected": rejected}
 
 
-def ultrafeedback_row(task: Task, rng: random.Random) -> dict:
-    """Dataset C's shape: instruction, two responses, their mean ratings (never equal here)."""
-    return {"source": f"tinyworld/{task.family}", "instruction": task.turns[0],
-            "chosen_response": task.answers[0], "rejected_response": task.wrong[0],
-            "chosen_avg_rating": rng.choice((4.25, 4.5, 4.75, 5.0)),
-            "rejected_avg_rating": rng.choice((1.5, 2.0, 2.5, 3.0, 3.5)),
-            "chosen_model": "tinyworld-oracle"}
+def ultrafeedback_row(instruction: str, chosen: str, rejected: str, ratings, family: str) -> dict:
+    """Dataset C's shape: instruction, two responses and their mean ratings."""
+    return {"source": f"tinyworld/{family}", "instruction": instruction, "chosen_response": chosen,
+            "rejected_response": rejected, "chosen_avg_rating": ratings[0],
+            "rejected_avg_rating": ratings[1], "chosen_model": "tinyworld-base"}
 
 
-def make_preferences(config: WorldConfig, held_out: set[str]) -> dict[str, list[dict]]:
-    """The three preference sets; A is two-turn, B and C single-turn."""
-    sizes, out = split_sizes(config.total_pairs), {}
-    for name, turns, row in (("capybara", 2, capybara_row), ("orca", 1, orca_row),
-                             ("ultrafeedback", 1, ultrafeedback_row)):
-        rng = _rng(config, name)
-        out[name] = [row(task, rng) for task in _tasks(sizes[name], turns, rng, held_out)]
-    return out
-
-
-def _wrong_indices(tasks: list[Task], config: WorldConfig, rng: random.Random) -> set[int]:
-    """Exactly round(rate * n) indices, `focus` of them from weak tasks where there are enough."""
-    n_wrong = round(config.sft_error_rate * len(tasks))
-    weak = [i for i, t in enumerate(tasks) if t.weak]
-    strong = [i for i, t in enumerate(tasks) if not t.weak]
-    n_weak = min(len(weak), round(config.sft_error_focus * n_wrong))
-    n_strong = min(len(strong), n_wrong - n_weak)
-    n_weak = n_wrong - n_strong  # the weak share takes up what the strong one cannot
-    return set(rng.sample(weak, n_weak)) | set(rng.sample(strong, n_strong))
+def demonstrate(turns, config: WorldConfig, rng: random.Random) -> list[str]:
+    """The sloppy demonstrator's replies, turn by turn: its systematic wrong reply with chance
+    `weak_error` on a weak turn and `strong_error` elsewhere, each later turn following from its own
+    earlier replies (as the verifier grades them)."""
+    replies = []
+    for k in range(len(turns)):
+        weak = weak_turns(turns[:k + 1], replies)[k]
+        wrong = rng.random() < (config.weak_error if weak else config.strong_error)
+        replies.append((plausible_wrong if wrong else solve)(turns[:k + 1], replies)[k])
+    return replies
 
 
 def make_sft(config: WorldConfig, held_out: set[str]) -> list[dict]:
-    """SFT conversations; a fixed share end in the task's plausible wrong reply."""
+    """SFT conversations of the sloppy demonstrator (`demonstrate`), some with a system prompt."""
     rng = _rng(config, "sft")
     n_two = round(config.sft_two_turn_share * config.sft_size)
-    tasks = (_tasks(n_two, 2, rng, held_out) + _tasks(config.sft_size - n_two, 1, rng, held_out))
+    one, two = task_stream(config, "sft-1", 1, held_out), task_stream(config, "sft-2", 2, held_out)
+    tasks = [next(two) for _ in range(n_two)] + [next(one) for _ in range(config.sft_size - n_two)]
     rng.shuffle(tasks)
-    wrong = _wrong_indices(tasks, config, rng)
     rows = []
-    for i, task in enumerate(tasks):
-        replies = task.answers[:-1] + ((task.wrong if i in wrong else task.answers)[-1],)
+    for task in tasks:
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < config.sft_system_share else None
-        rows.append({"messages": _messages(task.turns, replies, system)})
+        rows.append({"messages": _messages(task.turns, demonstrate(task.turns, config, rng), system)})
     return rows
 
 
@@ -632,61 +716,61 @@ def model_config(config: WorldConfig, tokenizer) -> dict:
 
 @dataclass
 class World:
-    """Everything `write_world` writes, in memory."""
+    """Everything `write_world` writes, in memory (the preference sets come from `minidpo.tinybase`,
+    which samples them from the base model)."""
     config: WorldConfig
-    questions: list[dict]
-    preferences: dict[str, list[dict]]  # "capybara", "orca", "ultrafeedback" -> rows
+    questions: list[dict]  # the benchmark
+    dev: list[dict]  # the dev questions
     sft: list[dict]
     tokenizer: object  # tokenizers.Tokenizer
     model_config: dict
 
+    @property
+    def held_out(self) -> set[str]:
+        """First turns no training conversation may open with: the benchmark's and the dev set's."""
+        return {q["turns"][0] for q in self.questions + self.dev}
+
 
 def build_world(config: WorldConfig = WorldConfig()) -> World:
-    """Generate the benchmark first, then training data that never repeats a benchmark first turn."""
+    """Generate the benchmark and dev questions first, then SFT data that never repeats their first turns."""
     questions = make_benchmark(config)
-    held_out = {q["turns"][0] for q in questions}
+    dev = make_dev(config, questions)
+    held_out = {q["turns"][0] for q in questions + dev}
     tokenizer = train_tokenizer(tokenizer_corpus(), config.vocab_size)
-    return World(config, questions, make_preferences(config, held_out), make_sft(config, held_out),
-                 tokenizer, model_config(config, tokenizer))
+    return World(config, questions, dev, make_sft(config, held_out), tokenizer, model_config(config, tokenizer))
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _demo_wrong(row) -> list[bool]:
+    """Per assistant reply of an SFT conversation: whether the demonstrator got it wrong."""
+    users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+    replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+    return [not check_answer(users, k + 1, replies[k], replies[:k]) for k in range(len(replies))]
 
 
 def world_summary(world: World) -> dict:
     """`world.json`: the config, file names and the counts measured on the generated data."""
-    sft_wrong = sum(not check_answer([m["content"] for m in row["messages"] if m["role"] == "user"],
-                                     sum(m["role"] == "user" for m in row["messages"]),
-                                     row["messages"][-1]["content"]) for row in world.sft)
+    wrong = [_demo_wrong(row) for row in world.sft]
     return {"config": dataclasses.asdict(world.config), "files": FILES,
-            "pairs": {name: len(rows) for name, rows in world.preferences.items()},
-            "sft": {"conversations": len(world.sft), "wrong": sft_wrong},
-            "questions": len(world.questions), "vocab_size": world.tokenizer.get_vocab_size()}
+            "sft": {"conversations": len(world.sft), "replies": sum(map(len, wrong)),
+                    "wrong_replies": sum(map(sum, wrong))},
+            "questions": len(world.questions), "dev_questions": len(world.dev),
+            "vocab_size": world.tokenizer.get_vocab_size()}
 
 
 def write_world(directory, config: WorldConfig = WorldConfig()) -> dict[str, Path]:
-    """Build the world for `config` and write it under `directory`; returns `{name: path}` (see FILES)."""
+    """Build the world for `config` and write it under `directory`; returns `{name: path}` (see FILES;
+    the three preference files are `minidpo.tinybase`'s to write)."""
     directory = Path(directory)
     world = build_world(config)
     paths = {name: directory / rel for name, rel in FILES.items()}
-    for name in ("capybara", "orca", "ultrafeedback"):
-        _write_jsonl(paths[name], world.preferences[name])
-    _write_jsonl(paths["sft"], world.sft)
-    _write_jsonl(paths["questions"], world.questions)
+    write_jsonl(paths["sft"], world.sft)
+    write_jsonl(paths["questions"], world.questions)
+    write_jsonl(paths["dev"], world.dev)
     paths["model"].mkdir(parents=True, exist_ok=True)
     world.tokenizer.save(str(paths["model"] / "tokenizer.json"))
-    _write_json(paths["model"] / "tokenizer_config.json", tokenizer_config())
-    _write_json(paths["model"] / "config.json", world.model_config)
-    _write_json(paths["world"], world_summary(world))
+    write_json(paths["model"] / "tokenizer_config.json", tokenizer_config())
+    write_json(paths["model"] / "config.json", world.model_config)
+    write_json(paths["world"], world_summary(world))
     return paths
 
 
@@ -694,102 +778,81 @@ def write_world(directory, config: WorldConfig = WorldConfig()) -> dict[str, Pat
 # The verifier judge
 # ---------------------------------------------------------------------------------------------
 
-_A_ANSWER = ("[The Start of Assistant A's Answer]", "[The End of Assistant A's Answer]")
-_B_ANSWER = ("[The Start of Assistant B's Answer]", "[The End of Assistant B's Answer]")
-_A_CONVERSATION = ("<|The Start of Assistant A's Conversation with User|>",
-                   "<|The End of Assistant A's Conversation with User|>")
-_B_CONVERSATION = ("<|The Start of Assistant B's Conversation with User|>",
-                   "<|The End of Assistant B's Conversation with User|>")
-_QUESTION = "[User Question]"
-_HEADER = re.compile(r"^### (User|Assistant [AB]|Reference answer):[ \t]*$", re.MULTILINE)
-
-
-def _between(text: str, markers: tuple[str, str]) -> str:
-    start, end = markers
-    i = text.find(start)
-    j = text.find(end, i + len(start)) if i >= 0 else -1
-    if i < 0 or j < 0:
-        raise ValueError(f"judge prompt: no {start!r} ... {end!r} block")
-    return text[i + len(start):j]
-
-
-def _conversation(block: str) -> tuple[list[str], str]:
-    """User turns and the last assistant reply of one `### User:` / `### Assistant X:` block."""
-    heads = list(_HEADER.finditer(block))
-    users, last_reply = [], None
-    for k, head in enumerate(heads):
-        body = block[head.end(): heads[k + 1].start() if k + 1 < len(heads) else len(block)].strip()
-        if head.group(1) == "User":
-            users.append(body)
-        else:
-            last_reply = body
-    if not users or last_reply is None:
-        raise ValueError("judge prompt: a conversation block without '### User:' and an assistant reply")
-    return users, last_reply
-
-
-def parse_judge_prompt(text: str) -> tuple[list[str], str, str]:
-    """MT-Bench pairwise judge text -> (user turns up to the judged one, answer A, answer B).
-
-    Turn 1 is recognised by `[User Question]` and the `[The Start of Assistant A's Answer]` markers,
-    turn 2 by the `<|The Start of Assistant A's Conversation with User|>` form; whatever instructions
-    surround them are ignored.
-    """
-    if _A_CONVERSATION[0] in text:
-        users_a, answer_a = _conversation(_between(text, _A_CONVERSATION))
-        users_b, answer_b = _conversation(_between(text, _B_CONVERSATION))
-        if users_a != users_b:
-            raise ValueError("judge prompt: the two conversations show different user turns")
-        # An answer that itself prints '### User:' would add turns; the first and last are the real ones.
-        return [users_a[0], users_a[-1]], answer_a, answer_b
-    if _QUESTION not in text:
-        raise ValueError("judge prompt: neither '[User Question]' nor a conversation block found")
-    question = text.split(_QUESTION, 1)[1].split("[The Start of", 1)[0].strip()
-    return [question], _between(text, _A_ANSWER).strip(), _between(text, _B_ANSWER).strip()
-
-
-def _prompt_text(messages) -> str:
-    """The message holding the markers (the last one that has any), so instructions cannot confuse us."""
-    if isinstance(messages, str):
-        return messages
-    for message in reversed(list(messages)):
-        if _QUESTION in message["content"] or _A_CONVERSATION[0] in message["content"]:
-            return message["content"]
-    return "\n".join(m["content"] for m in messages)
+def _is_right(turns, replies) -> bool:
+    """Whether the last of `replies` answers the last of `turns`, given the model's own earlier replies."""
+    return check_answer(turns, len(turns), replies[-1], replies[:-1])
 
 
 def verifier_judge(world=None) -> Callable:
     """A judge callable `messages -> verdict text` that checks answers instead of asking a model.
 
     `messages` is the judge prompt (a string, or OpenAI-style `[{"role", "content"}, ...]`). The
-    verdict ends in `[[A]]` when only A's answer is correct, `[[B]]` when only B's, else `[[C]]`.
-    With `world` (a `World`, or a folder `write_world` wrote) only that world's benchmark questions
-    are accepted: a prompt from another question set is a ValueError, not a silent verdict.
+    verdict ends in `[[A]]` when only A's answer is correct, `[[B]]` when only B's, else `[[C]]`. A
+    turn-2 answer is correct when it follows from that assistant's own turn-1 answer (`solve`).
+    With `world` (a `World`, or a folder `write_world` wrote) only that world's benchmark and dev
+    questions are accepted: a prompt from another question set is a ValueError, not a silent verdict.
     """
     known = None
     if world is not None:
-        questions = world.questions if isinstance(world, World) else _read_questions(Path(world))
+        questions = (world.questions + world.dev if isinstance(world, World)
+                     else _read_questions(Path(world)) + _read_questions(Path(world), "dev"))
         known = {tuple(q["turns"][:n]) for q in questions for n in (1, 2)}
 
     def judge(messages) -> str:
-        turns, answer_a, answer_b = parse_judge_prompt(_prompt_text(messages))
+        turns, replies_a, replies_b = read_judge_prompt(messages)
         if known is not None and tuple(turns) not in known:
-            raise ValueError(f"verifier judge: question {turns[0]!r:.80} is not in this world's benchmark")
-        correct = solve(turns)[-1]
-        a_ok, b_ok = (normalize(x) == normalize(correct) for x in (answer_a, answer_b))
+            raise ValueError(f"verifier judge: question {turns[0]!r:.80} is not in this world's questions")
+        a_ok, b_ok = _is_right(turns, replies_a), _is_right(turns, replies_b)
         verdict = "A" if a_ok and not b_ok else "B" if b_ok and not a_ok else "C"
-        return (f"The correct answer is {correct!r}. Assistant A's answer is {'right' if a_ok else 'wrong'}; "
-                f"Assistant B's answer is {'right' if b_ok else 'wrong'}. [[{verdict}]]")
+        return (f"Assistant A's answer is {'right' if a_ok else 'wrong'} (correct: "
+                f"{solve(turns, replies_a[:-1])[-1]!r}); Assistant B's answer is {'right' if b_ok else 'wrong'} "
+                f"(correct: {solve(turns, replies_b[:-1])[-1]!r}). [[{verdict}]]")
 
     judge.judge_name = "tinyworld-verifier"  # what the harness records as the judge
     return judge
 
 
-def _read_questions(directory: Path) -> list[dict]:
-    path = directory / FILES["questions"] if directory.is_dir() else directory
+def _read_questions(directory: Path, which: str = "questions") -> list[dict]:
+    path = directory / FILES[which] if directory.is_dir() else directory
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tiny-world question file")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def score_answers(questions_path, answers_path) -> dict:
+    """The verifier's single-answer score of one model's answers (MT-Bench single-grade's place).
+
+    Returns {"accuracy", "turn_1", "turn_2": share of question-turns right, "by_category":
+    {category: {"accuracy", "turn_1", "turn_2"}}, "n": question-turns, "per_question":
+    {question_id: [turn 1 right, turn 2 right]}}; turn 2 is graded against the model's own turn 1.
+    A question without an answer is a ValueError naming it.
+    """
+    questions = _read_questions(Path(questions_path))
+    answers = {}
+    for line in Path(answers_path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            answers[record["question_id"]] = record["choices"][0]["turns"]
+    per_question, by_category = {}, {}
+    for q in questions:
+        replies = answers.get(q["question_id"])
+        if replies is None or len(replies) < len(q["turns"]):
+            raise ValueError(f"{answers_path}: no answer to every turn of question {q['question_id']!r}")
+        oks = [check_answer(q["turns"], k + 1, replies[k], replies[:k]) for k in range(len(q["turns"]))]
+        per_question[q["question_id"]] = oks
+        by_category.setdefault(q["category"], []).append(oks)
+    return {**_shares(list(per_question.values())), "n": sum(map(len, per_question.values())),
+            "by_category": {c: _shares(rows) for c, rows in by_category.items()},
+            "per_question": per_question}
+
+
+def _shares(rows: list[list[bool]]) -> dict:
+    flat = [ok for row in rows for ok in row]
+    out = {"accuracy": sum(flat) / len(flat) if flat else float("nan")}
+    for k in range(max(map(len, rows), default=0)):
+        turn = [row[k] for row in rows if len(row) > k]
+        out[f"turn_{k + 1}"] = sum(turn) / len(turn)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -808,6 +871,6 @@ def cli(argv=None, command: str = "tinyworld") -> int:
     out = args.pop("out")
     paths = write_world(out, WorldConfig(**args))
     summary = json.loads(paths["world"].read_text())
-    print(f"tiny world written to {out}: pairs {summary['pairs']}, SFT {summary['sft']}, "
-          f"{summary['questions']} questions, vocabulary {summary['vocab_size']}")
+    print(f"tiny world written to {out}: SFT {summary['sft']}, {summary['questions']} benchmark and "
+          f"{summary['dev_questions']} dev questions, vocabulary {summary['vocab_size']}")
     return 0

@@ -853,7 +853,7 @@ def write_fastchat(folder, data):
 
 def test_fastchat_files_match_their_pins_and_parse(fastchat_data, tmp_path):
     from minidpo.judge_prompts import read_prompt_file
-    from minidpo.tinyworld import parse_judge_prompt
+    from minidpo.judge import read_judge_prompt
 
     for name, blob in fastchat_data.items():
         assert hashlib.sha256(blob).hexdigest() == FASTCHAT_FILES[name][1], name
@@ -881,7 +881,7 @@ def test_fastchat_files_match_their_pins_and_parse(fastchat_data, tmp_path):
                                 {"role": "user", "content": theirs[name]["prompt_template"].format(**fields)}]
             # verifier judges read FastChat's prompts as they read ours
             assert answers_in_prompt(messages) == (a[turn - 1], b[turn - 1])
-            assert parse_judge_prompt(messages[1]["content"]) == (list(q.turns[:turn]), a[turn - 1], b[turn - 1])
+            assert read_judge_prompt(messages) == (list(q.turns[:turn]), list(a[:turn]), list(b[:turn]))
 
 
 class FileServer:

@@ -1,5 +1,6 @@
-"""The tiny world: determinism, sizes, held-out benchmark, verified pairs, tokenizer, model config,
-the verifier judge, and that the data loader and the judge harness read what it writes."""
+"""The tiny world: determinism, sizes, held-out benchmark and dev questions, the sloppy
+demonstrator, the solver (turn 2 against the model's own turn 1), tokenizer, model config, the
+verifier judge and the single-answer score. The preference sets are tests/test_tinybase.py's."""
 import dataclasses
 import json
 import os
@@ -11,21 +12,8 @@ import jinja2
 import pytest
 
 from minidpo import tinyworld as tw
+from minidpo.judge import read_judge_prompt
 from minidpo.tinyworld import WorldConfig, check_answer, solve, verifier_judge
-
-# Field names as listed in each dataset's `dataset_info.features` on its hub card (README.md):
-# argilla/distilabel-capybara-dpo-7k-binarized, Intel/orca_dpo_pairs (card schema),
-# argilla/ultrafeedback-binarized-preferences.
-HUB_FIELDS = {
-    "capybara": ["source", "conversation", "original_response", "generation_prompt",
-                 "raw_generation_responses", "new_generations", "prompt", "chosen", "rejected",
-                 "rating_chosen", "rating_rejected", "chosen_model", "rejected_model"],
-    "orca": ["system", "question", "chosen", "rejected"],
-    "ultrafeedback": ["source", "instruction", "chosen_response", "rejected_response",
-                      "chosen_avg_rating", "rejected_avg_rating", "chosen_model"],
-}
-SETS = ("capybara", "orca", "ultrafeedback")
-
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
@@ -42,30 +30,13 @@ def user_turns(messages):
     return [m["content"] for m in messages if m["role"] == "user"]
 
 
-def pairs_of(name, row):
-    """(user turns, chosen reply, rejected reply) of a row of dataset `name`."""
-    if name == "capybara":
-        return user_turns(row["chosen"]), row["chosen"][-1]["content"], row["rejected"][-1]["content"]
-    if name == "orca":
-        return [row["question"]], row["chosen"], row["rejected"]
-    return [row["instruction"]], row["chosen_response"], row["rejected_response"]
-
-
 def all_conversations(paths):
-    """Every message list in the written files (both replies of each pair)."""
-    for name in SETS:
-        for row in read_jsonl(paths[name]):
-            turns, chosen, rejected = pairs_of(name, row)
-            prefix = row["chosen"][:-1] if name == "capybara" else (
-                [{"role": "system", "content": row["system"]}] if name == "orca" else [])
-            if name != "capybara":
-                prefix = prefix + [{"role": "user", "content": turns[0]}]
-            for reply in (chosen, rejected):
-                yield prefix + [{"role": "assistant", "content": reply}]
+    """Every message list in the written files."""
     for row in read_jsonl(paths["sft"]):
         yield row["messages"]
-    for q in read_jsonl(paths["questions"]):
-        yield [{"role": "user", "content": t} for t in q["turns"]]
+    for name in ("questions", "dev"):
+        for q in read_jsonl(paths[name]):
+            yield [{"role": "user", "content": t} for t in q["turns"]]
 
 
 # --- determinism and sizes -------------------------------------------------------------------------
@@ -77,12 +48,12 @@ def test_same_seed_writes_identical_files(world_dir, tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parent.parent)
     files = sorted(p.relative_to(first_dir) for p in first_dir.rglob("*") if p.is_file())
-    assert len(files) == 9
+    assert len(files) == 7
     for rel in files:
         assert (first_dir / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
-    other = tw.build_world(WorldConfig(seed=1, total_pairs=100, sft_size=50))
-    assert other.questions != read_jsonl(first["questions"])
-    assert other.preferences["orca"] != read_jsonl(first["orca"])[:len(other.preferences["orca"])]
+    other = tw.build_world(WorldConfig(seed=1, sft_size=50))
+    assert other.questions != read_jsonl(first["questions"]) and other.dev != read_jsonl(first["dev"])
+    assert other.sft != read_jsonl(first["sft"])[:50]
     # The tokenizer depends on the closed vocabulary only: one base model serves every seed and size.
     assert json.loads(other.tokenizer.to_str()) == json.loads((first["model"] / "tokenizer.json").read_text())
 
@@ -100,16 +71,20 @@ def test_split_sizes_follow_the_paper_ratio(total):
 
 def test_written_sizes_and_summary(world_dir):
     _, paths = world_dir
-    counts = {name: len(read_jsonl(paths[name])) for name in SETS}
-    assert counts == tw.split_sizes(1500) == {"capybara": 135, "orca": 230, "ultrafeedback": 1135}
+    assert tw.split_sizes(1500) == {"capybara": 135, "orca": 230, "ultrafeedback": 1135}
     summary = json.loads(paths["world"].read_text())
-    assert summary["pairs"] == counts and summary["questions"] == 80
+    assert summary["questions"] == 80 and summary["dev_questions"] == 400
     assert summary["sft"]["conversations"] == len(read_jsonl(paths["sft"])) == WorldConfig().sft_size
+    assert len(read_jsonl(paths["dev"])) == 400
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="sft_error_rate"):
-        WorldConfig(sft_error_rate=1.5)
+    with pytest.raises(ValueError, match="weak_error"):
+        WorldConfig(weak_error=1.5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        WorldConfig(benchmark_questions=81)
+    with pytest.raises(ValueError, match="label_noise"):
+        WorldConfig(label_noise=0.6, near_ties=0.5)
     with pytest.raises(ValueError, match="total_pairs"):
         WorldConfig(total_pairs=0)
     with pytest.raises(ValueError, match="leaves a dataset empty"):
@@ -122,55 +97,46 @@ def test_config_rejects_bad_values():
 
 # --- the data files --------------------------------------------------------------------------------
 
-def test_files_have_exactly_the_hub_fields(world_dir):
+def test_sft_rows_are_chat_messages(world_dir):
     _, paths = world_dir
-    for name in SETS:
-        for row in read_jsonl(paths[name]):
-            assert list(row) == HUB_FIELDS[name], name
-    for row in read_jsonl(paths["capybara"]):
-        assert all(set(m) == {"content", "role"} for m in row["chosen"] + row["rejected"])
-        assert all(set(turn) == {"input", "output"} for turn in row["conversation"])
-        assert isinstance(row["rating_chosen"], int) and isinstance(row["rating_rejected"], int)
-    for row in read_jsonl(paths["ultrafeedback"]):
-        assert isinstance(row["chosen_avg_rating"], float) and row["chosen_avg_rating"] > row["rejected_avg_rating"]
     for row in read_jsonl(paths["sft"]):
         assert list(row) == ["messages"]
+        assert [m["role"] for m in row["messages"] if m["role"] != "system"][::2] == ["user"] * len(
+            user_turns(row["messages"]))
 
 
-def test_chosen_is_correct_and_rejected_wrong_for_every_pair(world_dir):
+def test_demonstrator_errs_systematically_where_weak(world_dir):
+    """Each demonstration reply is either right or the systematic slip, both judged against the
+    demonstrator's own earlier replies; weak turns slip at `weak_error`, the rest at `strong_error`."""
     _, paths = world_dir
-    for name in SETS:
-        for row in read_jsonl(paths[name]):
-            turns, chosen, rejected = pairs_of(name, row)
-            assert check_answer(turns, len(turns), chosen), (name, turns, chosen)
-            assert not check_answer(turns, len(turns), rejected), (name, turns, rejected)
-            if name == "capybara":
-                assert row["chosen"][:-1] == row["rejected"][:-1]
-                assert len(turns) == 2 and check_answer(turns, 1, row["chosen"][1]["content"])
-                assert row["conversation"][-1]["output"] == chosen
-
-
-def test_sft_error_share_is_exact_and_only_the_last_reply_errs(world_dir):
-    _, paths = world_dir
-    rows = read_jsonl(paths["sft"])
-    wrong, weak_wrong, weak_total = 0, 0, 0
-    for row in rows:
+    config = WorldConfig()
+    counts = {True: [0, 0], False: [0, 0]}  # weak -> [replies, wrong]
+    for row in read_jsonl(paths["sft"]):
         turns = user_turns(row["messages"])
         replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
-        assert all(check_answer(turns, t + 1, replies[t]) for t in range(len(turns) - 1))
-        bad = not check_answer(turns, len(turns), replies[-1])
-        weak = tw.is_weak(turns)
-        wrong += bad
-        weak_total += weak
-        weak_wrong += bad and weak
-    config = WorldConfig()
-    assert wrong == round(config.sft_error_rate * config.sft_size)
-    assert weak_wrong == round(config.sft_error_focus * wrong)  # concentrated on weak inputs
-    assert weak_wrong / weak_total > 0.5 > (wrong - weak_wrong) / (len(rows) - weak_total)
+        for k in range(len(turns)):
+            right = solve(turns[:k + 1], replies[:k])[k]
+            slip = tw.plausible_wrong(turns[:k + 1], replies[:k])[k]
+            assert replies[k] in (right, slip), (turns, replies)
+            weak = tw.weak_turns(turns[:k + 1], replies[:k])[k]
+            counts[weak][0] += 1
+            counts[weak][1] += replies[k] != right
+    for weak, p in ((True, config.weak_error), (False, config.strong_error)):
+        n, wrong = counts[weak]
+        assert abs(wrong / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-9, (weak, wrong, n)
+    rows = read_jsonl(paths["sft"])
     assert sum(len(user_turns(r["messages"])) == 2 for r in rows) == round(config.sft_two_turn_share * len(rows))
-    small = tw.make_sft(WorldConfig(sft_size=200, sft_error_rate=0.1), set())
-    assert sum(not check_answer(user_turns(r["messages"]), len(user_turns(r["messages"])),
-                                r["messages"][-1]["content"]) for r in small) == 20
+
+
+def test_an_imitator_of_the_demonstrator_is_right_half_to_three_quarters_of_dev(world_dir):
+    """The accuracy band the base aims at, on the dev split: a model that always gives the
+    demonstrator's most frequent reply is right exactly on the turns that are not weak
+    (weak_error > 0.5 > strong_error). The base's measured accuracy is in report.json."""
+    _, paths = world_dir
+    config = WorldConfig()
+    assert config.weak_error > 0.5 > config.strong_error
+    turns = [w for q in read_jsonl(paths["dev"]) for w in tw.weak_turns(q["turns"])]
+    assert len(turns) == 800 and 0.5 <= 1 - sum(turns) / len(turns) <= 0.75
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
@@ -194,13 +160,24 @@ def test_benchmark_has_mt_bench_shape(world_dir):
     assert len(loaded) == 80 and loaded[0].turns == tuple(questions[0]["turns"])
 
 
-def test_benchmark_is_held_out_from_every_training_file(world_dir):
+def test_dev_questions_are_another_stream_apart_from_the_benchmark(world_dir):
     _, paths = world_dir
-    benchmark = {q["turns"][0] for q in read_jsonl(paths["questions"])}
-    conversations = []
-    for name in SETS + ("sft",):
-        for row in read_jsonl(paths[name]):
-            conversations.append(user_turns(row["messages"]) if name == "sft" else pairs_of(name, row)[0])
+    dev, benchmark = read_jsonl(paths["dev"]), read_jsonl(paths["questions"])
+    assert [q["question_id"] for q in dev] == list(range(tw.DEV_FIRST_ID, tw.DEV_FIRST_ID + 400))
+    assert [sum(q["category"] == c for q in dev) for c in tw.CATEGORIES] == [50] * 8
+    assert len({q["turns"][0] for q in dev}) == 400
+    assert not {q["turns"][0] for q in dev} & {q["turns"][0] for q in benchmark}
+    # More questions keep MT-Bench's shape (ids from 81, equal categories); a family too small fails.
+    more = tw.make_benchmark(WorldConfig(benchmark_questions=160))
+    assert [q["question_id"] for q in more] == list(range(81, 241))
+    with pytest.raises(ValueError, match="no 'parrot' first turn left"):
+        tw.make_dev(WorldConfig(dev_questions=8 * 100), more)
+
+
+def test_benchmark_and_dev_are_held_out_from_the_sft_data(world_dir):
+    _, paths = world_dir
+    benchmark = {q["turns"][0] for q in read_jsonl(paths["questions"]) + read_jsonl(paths["dev"])}
+    conversations = [user_turns(row["messages"]) for row in read_jsonl(paths["sft"])]
     training = {text for turns in conversations for text in turns}
     assert training and not benchmark & training
     # ... while every benchmark fact is still taught, in other phrasings (the form is held out, not
@@ -243,6 +220,27 @@ def test_solver_on_hand_worked_examples(turns, expected):
     assert solve(turns) == expected
 
 
+@pytest.mark.parametrize("turns, own, expected", [
+    # A follow-up that refers to the previous reply is solved against the model's own reply.
+    (["What is 7 plus 11?", "Now take away 4 from that number."], ["19"], "15"),
+    (["What is 7 plus 11?", "Now take away 4 from that number."], ["nineteen"], "14"),  # unreadable
+    (["Which is larger, 3 or 19?", "And which is smaller?"], ["3"], "19"),
+    (["Which is larger, 3 or 19?", "And which is smaller?"], ["7"], "3"),  # names neither: the task
+    (["You are a parrot. Say owl three times.", "Now say it one more time than before."],
+     ["owl owl"], "owl owl owl"),
+    (["Put these words in alphabetical order: moon cake bird.", "Which word came first after sorting?"],
+     ["cake bird moon"], "cake"),
+    (["What is the third word in: hat ink jam kite?", "And the word after it?"], ["ink"], "jam"),
+    (["Count the words: goat hat.", "How many would there be with two more?"], ["3"], "5"),
+    # ... one that restates the task is solved against the task, whatever the model said.
+    (["Sort these words: pig egg tree.", "Now sort them in reverse order."], ["pig egg tree"], "tree pig egg"),
+    (["What is the capital of Zorvia?", "And what colour is its flag?"], ["Bexa"], "red"),
+])
+def test_follow_ups_are_solved_against_the_models_own_turn_1(turns, own, expected):
+    assert solve(turns, own)[1] == expected
+    assert check_answer(turns, 2, expected, own)
+
+
 def test_solver_refuses_text_outside_the_world():
     for turns in (["What is the capital of France?"], ["Tell me a joke."], ["What is 3 times 4?"],
                   ["What is the capital of Zorvia?", "And what is its capital?"],
@@ -280,7 +278,7 @@ def test_tokenizer_round_trips_all_world_text_and_loads_in_transformers(world_di
         assert ours.decode(ids, skip_special_tokens=False) == text
         longest = max(longest, len(ids))
     assert longest < 128  # the tiny model never needs long context
-    sample = read_jsonl(paths["capybara"])[0]["chosen"]
+    sample = next(r["messages"] for r in read_jsonl(paths["sft"]) if len(user_turns(r["messages"])) == 2)
     expected = template.render(messages=sample, add_generation_prompt=True)
     assert hf.apply_chat_template(sample, tokenize=False, add_generation_prompt=True) == expected
     assert hf.encode(expected, add_special_tokens=False) == ours.encode(expected).ids
@@ -368,9 +366,14 @@ def test_verifier_turn2_judges_the_second_answer():
     assert verdict(judge(turn2_prompt(turns, ["pig egg tree", "tree pig egg"], ["egg pig tree", "egg pig tree"]))) == "A"
     assert verdict(judge(turn2_prompt(turns, ["egg pig tree", "egg pig tree"], ["x", "tree pig egg"]))) == "B"
     assert verdict(judge(turn2_prompt(turns, ["egg pig tree", "tree pig egg"], ["egg pig tree", "Tree, pig, egg."]))) == "C"
+    # Graded against its own turn 1: A said 19, then 15 (19 - 4), and is right; B's 14 is wrong for 19.
+    turns = ["What is 7 plus 11?", "Now take away 4 from that number."]
+    assert verdict(judge(turn2_prompt(turns, ["19", "15"], ["19", "14"]))) == "A"
+    assert verdict(judge(turn2_prompt(turns, ["19", "15"], ["18", "14"]))) == "C"
+    turns = ["Sort these words: pig egg tree.", "Now sort them in reverse order."]
     # A first answer that prints a fake '### User:' header does not shift the turns.
     junk = "egg pig tree\n\n### User:\nsomething else"
-    assert tw.parse_judge_prompt(turn2_prompt(turns, [junk, "a"], [junk, "b"])) == (turns, "a", "b")
+    assert read_judge_prompt(turn2_prompt(turns, [junk, "a"], ["x", "b"])) == (turns, [junk, "a"], ["x", "b"])
     assert verdict(judge(turn2_prompt(turns, [junk, "egg pig tree"], [junk, "tree pig egg"]))) == "B"
 
 
@@ -383,7 +386,9 @@ def test_verifier_refuses_what_it_cannot_judge(world_dir):
     restricted = verifier_judge(paths["model"].parent)
     q = read_jsonl(paths["questions"])[0]
     assert verdict(restricted(turn1_prompt(q["turns"][0], solve(q["turns"])[0], "no"))) == "A"
-    with pytest.raises(ValueError, match="not in this world's benchmark"):
+    d = read_jsonl(paths["dev"])[0]  # the dev questions are this world's too
+    assert verdict(restricted(turn1_prompt(d["turns"][0], "no", solve(d["turns"])[0]))) == "B"
+    with pytest.raises(ValueError, match="not in this world's questions"):
         restricted(turn1_prompt("What is 7 plus 11?", "18", "19"))
 
 
@@ -394,8 +399,8 @@ def test_verifier_runs_the_real_pairwise_harness(world_dir, tmp_path):
     _, paths = world_dir
     questions = load_questions(paths["questions"])
     right = {q.question_id: solve(q.turns) for q in questions}
-    # Model B is right on even question ids and wrong (the rejected-style reply) on odd ones.
-    wrong = {q.question_id: tw.plausible_wrong(q.turns) for q in questions}
+    # Model B is right on even question ids and says nothing of the world on odd ones.
+    wrong = {q.question_id: ["I do not know."] * 2 for q in questions}
     b = {qid: right[qid] if qid % 2 == 0 else wrong[qid] for qid in right}
     q0 = questions[0]
     assert verdict(verifier_judge()(build_messages(q0, 2, wrong[q0.question_id], right[q0.question_id]))) == "B"
@@ -408,25 +413,29 @@ def test_verifier_runs_the_real_pairwise_harness(world_dir, tmp_path):
     assert (summary["wins"], summary["ties"], summary["losses"], summary["errors"]) == (80, 80, 0, 0)
 
 
-# --- the data loader reads the files through the hub adapters --------------------------------------
+# --- the single-answer score ----------------------------------------------------------------------
 
-def test_data_loader_reads_the_three_files(world_dir):
-    from minidpo.data import load_pairs, tokenize_pairs
-    from minidpo.tokenizer import load_tokenizer
-
-    _, paths = world_dir
-    sources = [f"{paths[name]}::{name}" for name in SETS]
-    pairs, report = load_pairs(sources, strict=True)
-    assert len(pairs) == 1500 and report.used == 1500
-    assert [sum(p.source == str(paths[n]) for p in pairs) for n in SETS] == [135, 230, 1135]
-    orca = next(p for p in pairs if p.source == str(paths["orca"]))
-    assert [m["role"] for m in orca.prompt] == ["system", "user"]
-    tokenized, report = tokenize_pairs(pairs, load_tokenizer(paths["model"]), max_length=128, strict=True)
-    assert len(tokenized) == 1500 and not report.notes
+def test_score_answers_grades_turn_2_against_the_models_turn_1(tmp_path):
+    questions = [{"question_id": 81, "category": "math", "turns": ["What is 7 plus 11?", "Now add 2 to that number."]},
+                 {"question_id": 82, "category": "coding", "turns": ["Sort these words: pig egg tree.",
+                                                                      "Now sort them in reverse order."]}]
+    answers = [{"question_id": 81, "model_id": "m", "choices": [{"index": 0, "turns": ["19", "21"]}]},
+               {"question_id": 82, "model_id": "m", "choices": [{"index": 0, "turns": ["egg pig tree", "egg"]}]}]
+    qpath, apath = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qpath.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    apath.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    score = tw.score_answers(qpath, apath)
+    assert score["per_question"] == {81: [False, True], 82: [True, False]}
+    assert (score["accuracy"], score["turn_1"], score["turn_2"], score["n"]) == (0.5, 0.5, 0.5, 4)
+    assert score["by_category"] == {"math": {"accuracy": 0.5, "turn_1": 0.0, "turn_2": 1.0},
+                                    "coding": {"accuracy": 0.5, "turn_1": 1.0, "turn_2": 0.0}}
+    apath.write_text(json.dumps(answers[0]) + "\n")
+    with pytest.raises(ValueError, match="question 82"):
+        tw.score_answers(qpath, apath)
 
 
 def test_cli_writes_a_world(tmp_path, capsys):
-    assert tw.cli(["--out", str(tmp_path / "w"), "--total-pairs", "30", "--sft-size", "40"]) == 0
+    assert tw.cli(["--out", str(tmp_path / "w"), "--sft-size", "40", "--dev-questions", "16"]) == 0
     assert "tiny world written" in capsys.readouterr().out
     summary = json.loads((tmp_path / "w" / "world.json").read_text())
-    assert summary["pairs"] == tw.split_sizes(30) and summary["sft"] == {"conversations": 40, "wrong": 14}
+    assert summary["sft"]["conversations"] == 40 and summary["dev_questions"] == 16
