@@ -183,18 +183,18 @@ def field_defaults() -> dict:
             if not (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
 
 
-def build_parser(command: str = "train") -> argparse.ArgumentParser:
-    """argparse flags from TrainConfig's fields: `--lora-r`, bools as `--x/--no-x`, lists as `--x a b`."""
-    what = "DPO on preference pairs" if command == "train" else "SFT on the chosen replies of preference pairs"
-    parser = argparse.ArgumentParser(prog=f"python -m minidpo {command}", description=f"minidpo: {what}.")
+def add_flags(parser, *, skip=(), dest_prefix: str = "", show_defaults: bool = True) -> None:
+    """One flag per TrainConfig field not in `skip`: `--lora-r`, bools as `--x/--no-x`, lists as `--x a b`.
+    Values land in `dest_prefix + field name`; an unset flag sets nothing (TrainConfig's default, or
+    the caller's, applies: one source of truth)."""
+    defaults = field_defaults()
     for f in dataclasses.fields(TrainConfig):
-        if f.name in CLI_HIDDEN:
+        if f.name in CLI_HIDDEN or f.name in skip:
             continue
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
-        text = f.metadata.get("help", "") + ("" if required else f" (default: {default!r})")
-        text = text.replace("%", "%%")  # argparse formats help strings with %
-        kwargs = {"dest": f.name, "help": text}
+        required = f.name not in defaults
+        text = f.metadata["help"] + (f" (default: {defaults[f.name]!r})" if show_defaults and not required else "")
+        kwargs = {"dest": dest_prefix + f.name, "help": text.replace("%", "%%"),  # argparse formats help with %
+                  "default": argparse.SUPPRESS}
         if f.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.type == list[str]:
@@ -203,11 +203,18 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
             kwargs["type"] = f.type
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
+        else:
+            kwargs["metavar"] = f.name.upper()
         if required:
             kwargs["required"] = True
-        else:
-            kwargs["default"] = argparse.SUPPRESS  # TrainConfig's default applies: one source of truth
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def build_parser(command: str = "train") -> argparse.ArgumentParser:
+    """The `train`/`sft` command line: a flag per TrainConfig field (`add_flags`)."""
+    what = "DPO on preference pairs" if command == "train" else "SFT on the chosen replies of preference pairs"
+    parser = argparse.ArgumentParser(prog=f"python -m minidpo {command}", description=f"minidpo: {what}.")
+    add_flags(parser)
     return parser
 
 

@@ -34,23 +34,20 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from minidpo import intervals
-from minidpo.files import write_json
+from minidpo.files import read_json, write_atomic, write_json
 # Two sweeps sharing a cache (a tuning run beside the demo) wait for each other's stage instead of
 # writing one folder together.
+from minidpo.tinybase import SETS  # the paper's three sets, as minidpo.data names them
 from minidpo.tinybase import locked as _locked
 
-SETS = ("capybara", "orca", "ultrafeedback")  # the paper's three sets, as minidpo.data names them
 PAPER_BASE = "teknium/OpenHermes-2.5-Mistral-7B"
 # The paper states no hyperparameters: these are our choices, written in the README.
 PAPER_TRAIN = {"beta": 0.1, "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.05, "lr": 5e-5,
@@ -213,7 +210,7 @@ def tiny_preset(config: ExperimentConfig) -> Preset:
 
     paths = tinybase.prepare(config.world, world_config(config), log=log)
     data = {name: str(paths[name]) for name in SETS}
-    return Preset("tiny", str(paths["base"]), paths.get("base_digest", paths["digest"]), data,
+    return Preset("tiny", str(paths["base"]), paths["base_digest"], data,
                   {name: source_digest(s) for name, s in data.items()}, str(paths[config.split]),
                   _choice(config.references, None), _choice(config.judge_prompts, None),
                   dict(tinybase.RECIPE), dict(tinybase.GENERATION), paths)
@@ -317,7 +314,7 @@ def _train_locked(sweep, row, seed, given, settings, key, folder) -> dict:
                            "final": str(Path(result["final"]).resolve().relative_to(folder.resolve()))})
     else:
         log(f"{row['key']} seed {seed}: training reused ({key[:12]})")
-    info = json.loads(done.read_text())
+    info = read_json(done)
     return {"key": key, "computed": computed, "pairs": info["train_pairs"], "settings": settings,
             "adapter": folder / info["final"], "metrics": folder / "run" / "metrics.jsonl"}
 
@@ -385,9 +382,9 @@ def score_stage(sweep: Sweep, answers: dict):
     from minidpo.tinyworld import score_answers
 
     score = score_answers(sweep.preset.questions, answers["path"])
-    out = {k: score[k] for k in ("accuracy", "turn_1", "turn_2", "n") if k in score}
-    if "per_question" in score:  # [right, graded] per question, for the bootstrap over questions
-        out["per_question"] = {str(q): [int(sum(map(bool, ok))), len(ok)] for q, ok in score["per_question"].items()}
+    out = {k: score[k] for k in ("accuracy", "turn_1", "turn_2", "n")}
+    # [right, graded] per question, for the bootstrap over questions
+    out["per_question"] = {str(q): [sum(ok), len(ok)] for q, ok in score["per_question"].items()}
     return out
 
 
@@ -415,8 +412,8 @@ def run_one(sweep: Sweep, row: dict, seed: int, base: dict) -> dict:
 
 def _stacked(runs: list[dict], key: str, width: int):
     """Per-question counts summed over the runs (a question's outcomes in every seed stay together)."""
-    ids = sorted({q for r in runs for q in (r[key] or {})}, key=str)
-    return np.array([[sum((r[key] or {}).get(q, [0] * width)[c] for r in runs) for c in range(width)]
+    ids = sorted({q for r in runs for q in (r.get(key) or {})}, key=str)
+    return np.array([[sum((r.get(key) or {}).get(q, [0] * width)[c] for r in runs) for c in range(width)]
                      for q in ids], dtype=np.float64).reshape(-1, width)
 
 
@@ -437,11 +434,9 @@ def score_columns(runs: list[dict]) -> dict:
     out = {}
     _spread(out, "accuracy", [s["accuracy"] for s in scores])
     for turn in ("turn_1", "turn_2"):
-        out[turn] = float(np.mean([s[turn] for s in scores])) if all(turn in s for s in scores) else None
-    per_question = [{"per_question": s.get("per_question")} for s in scores]
-    out["accuracy_interval"] = (intervals.question_bootstrap(_stacked(per_question, "per_question", 2),
-                                                             intervals.accuracy, samples=BOOTSTRAP_SAMPLES)
-                                if all(s.get("per_question") for s in scores) else None)
+        out[turn] = float(np.mean([s[turn] for s in scores]))
+    out["accuracy_interval"] = intervals.question_bootstrap(_stacked(scores, "per_question", 2),
+                                                            intervals.accuracy, samples=BOOTSTRAP_SAMPLES)
     return out
 
 
@@ -594,7 +589,7 @@ def make_judge(config: ExperimentConfig, preset: Preset):
 
     if preset.name == "tiny":
         from minidpo.tinyworld import verifier_judge
-        return verifier_judge(preset.world.get("world", config.world))
+        return verifier_judge(preset.world["world"])
     if config.judge == "local":
         return harness.local_judge(config.judge_model)
     return harness.openai_judge(config.judge_model, config.judge_base_url)
@@ -604,9 +599,8 @@ def base_score_row(sweep: Sweep, base: dict):
     score = score_stage(sweep, base)
     if score is None:
         return None
-    per_question = score.get("per_question")
-    score["interval"] = intervals.question_bootstrap(_stacked([{"p": per_question}], "p", 2), intervals.accuracy,
-                                                      samples=BOOTSTRAP_SAMPLES) if per_question else None
+    score["interval"] = intervals.question_bootstrap(_stacked([score], "per_question", 2), intervals.accuracy,
+                                                      samples=BOOTSTRAP_SAMPLES)
     return score
 
 
@@ -642,7 +636,7 @@ def world_summary(report: Path) -> None:
     """The world's report, in a few lines (its numbers are measured on the dev questions)."""
     from minidpo.tinybase import summary_lines
 
-    lines = summary_lines(json.loads(report.read_text()))
+    lines = summary_lines(read_json(report))
     print("\n".join([f"tiny world ({report}):"] + lines), flush=True)
 
 
@@ -661,9 +655,7 @@ def write_results(config: ExperimentConfig, sweep: Sweep, rows: list[dict], base
         "base_score": base_score, "judge": getattr(sweep.judge, "judge_name", "callable"),
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "unit": "question", "level": 0.95},
         "seed_spread": {"level": 0.95, "quantile": "t(0.975, seeds - 1)"}, "rows": rows})
-    tmp = out / "results.md.tmp"
-    tmp.write_text(table)
-    os.replace(tmp, out / "results.md")
+    write_atomic(out / "results.md", table)
     plot(rows, config.experiment, out / "plot.png", base_score)
     write_json(out / "curves.json", curves(rows, out / "curves.png"))  # the data behind the figure
     print(f"\n{config.experiment} experiment ({config.preset}, {config.split}): {out}/results.md\n\n{table}",
@@ -752,29 +744,10 @@ DEMO = ("The offline demo (make demo): the paper's two DPO experiments on the ti
         "stage is keyed by its inputs under --cache, so a rerun recomputes only what a changed flag affects.")
 
 
-def _plain(kind):
-    """`Optional[X]` / `X | None` -> X: argparse wants a callable type."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return kind
-
-
-def _train_fields():
-    """TrainConfig fields a sweep takes from the command line, with their types and help."""
-    from minidpo.config import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    own = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ROW_FIELDS or f.name in own:
-            continue
-        text = f.metadata["help"]
-        yield f, _plain(hints[f.name]), text
-
-
 def build_parser(experiment=None, command="demo") -> argparse.ArgumentParser:
     """Flags of `demo` (experiment None: both sweeps) or of one example script."""
+    from minidpo.config import add_flags
+
     description = DEMO if experiment is None else (
         f"The paper's {experiment} experiment (arXiv 2410.16586); see minidpo.experiment.")
     p = argparse.ArgumentParser(prog=f"python -m minidpo {command}" if experiment is None else None,
@@ -795,16 +768,8 @@ def build_parser(experiment=None, command="demo") -> argparse.ArgumentParser:
         sweep.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     group = p.add_argument_group("training, as `python -m minidpo train` names them; applied over the "
                                  "preset's recipe (default: the recipe's value)")
-    for f, kind, text in _train_fields():
-        kwargs = {"dest": "train." + f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%"),
-                  "metavar": f.name.upper()}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind == list[str]:
-            kwargs.update(nargs="+", type=str)
-        else:
-            kwargs["type"] = kind
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    add_flags(group, skip=ROW_FIELDS + tuple(f.name for f in dataclasses.fields(ExperimentConfig)),
+              dest_prefix="train.", show_defaults=False)
     return p
 
 

@@ -39,11 +39,12 @@ import shutil
 from pathlib import Path
 
 from minidpo import tinyworld
-from minidpo.files import write_jsonl
+from minidpo.files import read_json, write_atomic, write_json, write_jsonl
+from minidpo.questions import load_answers
 from minidpo.tinyworld import WorldConfig
 
 VERSION = 2  # bump when a stage's code changes what it writes: every digest changes with it
-SETS = ("capybara", "orca", "ultrafeedback")
+SETS = tuple(tinyworld.PAPER_SIZES)  # capybara (A), orca (B), ultrafeedback (C)
 GENERATION = {"max_new_tokens": 16, "temperature": 0.0}
 # Chosen on the dev questions of the default world (one seed, 100% pooled; README "The tiny
 # world"): plain DPO (rpo_alpha 0) unlearns the end of turn and collapses (3% right); the chosen
@@ -61,12 +62,6 @@ def digest(config: WorldConfig) -> str:
     """sha256 of the config and VERSION: the key of every stage's output."""
     text = json.dumps({"version": VERSION, "config": dataclasses.asdict(config)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _stage(final: Path, build, log, what: str) -> Path:
@@ -120,9 +115,8 @@ def _prepare(directory: Path, root: Path, config: WorldConfig, key: str, log) ->
     report = root / "report.json"
     if not report.is_file():
         log("tiny world: measuring the base on the dev questions")
-        _atomic_json(report, measure(world, base, pairs, config, key))
-    shutil.copyfile(report, directory / "report.json.tmp")
-    os.replace(directory / "report.json.tmp", directory / "report.json")
+        write_json(report, measure(world, base, pairs, config, key))
+    write_atomic(directory / "report.json", report.read_bytes())
     paths = {name: f"{pairs / (name + '.jsonl')}::{name}" for name in SETS}
     return {**paths, "base": base, "benchmark": world / tinyworld.FILES["questions"],
             "dev": world / tinyworld.FILES["dev"], "report": report, "digest": key, "base_digest": key,
@@ -203,7 +197,7 @@ def _graded(task, context, replies) -> tuple[list[str], list[str]]:
     return right, wrong
 
 
-def _pair(task, context, replies, rng) -> dict | None:
+def _pair(task, context, replies) -> dict | None:
     """chosen/rejected (and what they are) from the base's graded replies; None if it is never wrong."""
     right, wrong = _graded(task, context, replies)
     if not wrong:
@@ -259,7 +253,7 @@ def sample_set(sampler: Sampler, name: str, count: int, held_out: set[str], conf
                     if name == "capybara" else [[] for _ in tasks])
         replies = _candidates(sampler, name, tasks, systems, contexts, config, salt=round_)
         for task, system, context, cands in zip(tasks, systems, contexts, replies):
-            pair = _pair(task, context, cands, rng)
+            pair = _pair(task, context, cands)
             if pair is None and round_ == MAX_ROUNDS:  # the base is right here: the demonstrator's slip
                 pair = {"chosen": cands[0], "rejected": tinyworld.plausible_wrong(list(task.turns), context)[-1],
                         "chosen_from": "base", "wrong": [], "right": cands, "oracle": cands[0],
@@ -288,7 +282,7 @@ def write_pairs(world: Path, base: Path, out: Path, config: WorldConfig, log) ->
         write_jsonl(out / f"{name}.jsonl", rows[:size])
         write_jsonl(out / "held_out" / f"{name}.jsonl", rows[size:])
         composition[name] = _composition(facts[:size])
-    _atomic_json(out / "composition.json", composition)
+    write_json(out / "composition.json", composition)
 
 
 def _composition(facts: list[dict]) -> dict:
@@ -327,8 +321,7 @@ def dev_answers(world: Path, base: Path, out_path: Path) -> Path:
 def _mistakes(world: Path, answers_path: Path) -> dict:
     """What the base's wrong dev answers are: the demonstrator's systematic slip, on a weak turn or not."""
     questions = tinyworld._read_questions(world, "dev")
-    answers = {json.loads(l)["question_id"]: json.loads(l)["choices"][0]["turns"]
-               for l in answers_path.read_text().splitlines() if l.strip()}
+    answers = {qid: list(a.turns) for qid, a in load_answers(answers_path).items()}
     out, kinds = collections.Counter(), collections.Counter()
     for q in questions:
         replies = answers[q["question_id"]]
@@ -389,9 +382,9 @@ def measure(world: Path, base: Path, pairs: Path, config: WorldConfig, key: str)
     score = tinyworld.score_answers(world / tinyworld.FILES["dev"], answers)
     score.pop("per_question")
     mistakes = _mistakes(world, answers)
-    composition = json.loads((pairs / "composition.json").read_text())
+    composition = read_json(pairs / "composition.json")
     held = {name: reward_accuracy(base, f"{pairs / 'held_out' / (name + '.jsonl')}::{name}") for name in SETS}
-    summary = json.loads((world / tinyworld.FILES["world"]).read_text())
+    summary = read_json(world / tinyworld.FILES["world"])
     return {"digest": key, "config": dataclasses.asdict(config), "generation": GENERATION,
             "sft": summary["sft"], "base_on_dev": score, "base_mistakes_on_dev": mistakes,
             "mistakes_of_a_kind_the_pairs_contrast": _coverage(mistakes, composition),

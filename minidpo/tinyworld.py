@@ -46,7 +46,7 @@ from typing import Callable
 
 from minidpo.files import write_json, write_jsonl
 from minidpo.judge import read_judge_prompt
-from minidpo.questions import REFERENCE_CATEGORIES  # as MT-Bench: only these carry `reference`
+from minidpo.questions import REFERENCE_CATEGORIES, load_answers, read_jsonl  # REFERENCE_CATEGORIES: as MT-Bench
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 FAMILY = {"writing": "copy", "roleplay": "parrot", "reasoning": "compare", "math": "arith",
@@ -441,11 +441,6 @@ def weak_turns(turns, replies=None) -> list[bool]:
     return [bool(t.weak(f)) for t, f in _parse_conversation(turns, replies)]
 
 
-def is_weak(turns) -> bool:
-    """Whether the conversation's first turn lies where the SFT demonstrations err most."""
-    return weak_turns(list(turns)[:1])[0]
-
-
 def normalize(answer: str) -> str:
     """Case, commas, a final full stop and runs of white space do not change an answer."""
     text = answer.lower().replace(",", " ").strip()
@@ -816,7 +811,7 @@ def _read_questions(directory: Path, which: str = "questions") -> list[dict]:
     path = directory / FILES[which] if directory.is_dir() else directory
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tiny-world question file")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [obj for _, obj in read_jsonl(path)]
 
 
 def score_answers(questions_path, answers_path) -> dict:
@@ -828,11 +823,7 @@ def score_answers(questions_path, answers_path) -> dict:
     A question without an answer is a ValueError naming it.
     """
     questions = _read_questions(Path(questions_path))
-    answers = {}
-    for line in Path(answers_path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            answers[record["question_id"]] = record["choices"][0]["turns"]
+    answers = {qid: list(a.turns) for qid, a in load_answers(answers_path).items()}
     per_question, by_category = {}, {}
     for q in questions:
         replies = answers.get(q["question_id"])
